@@ -1,0 +1,30 @@
+# cp2image: `make demo` installs everything and runs the demo; `make test` runs the test suite.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.cp2image-installed
+
+.PHONY: install demo test lint bench train-default clean-demo
+
+install: $(STAMP)
+
+$(STAMP): setup.py requirements-cellprofiler.txt scripts/install.sh
+	bash scripts/install.sh
+	@touch $@
+
+demo: $(STAMP)
+	bash scripts/demo.sh
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	$(PY) benchmarks/generator_throughput.py
+
+train-default: $(STAMP)
+	bash scripts/train_default.sh
+
+clean-demo:
+	rm -rf output/demo

@@ -1,0 +1,155 @@
+"""What the CellProfiler module delegates to: read features from measurements, synthesize, write.
+
+Kept apart from plugins/cp2image.py so the module stays settings and glue.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from .crops import crop_objects, paste_into_objects
+from .errors import CP2ImageError
+from .features import producer_of, standardize
+from .modelfile import read_spec
+from .spec import ModelSpec
+from .synthesize import Synthesizer, load_synthesizer
+from .viz import to_rgb
+
+__all__ = [
+    "CP2ImageError",
+    "default_model_path",
+    "first_image",
+    "load_synthesizer",
+    "missing_features_message",
+    "paste_into_objects",
+    "read_spec",
+    "real_crops",
+    "synthesize_objects",
+    "to_rgb",
+    "write_images",
+]
+
+DEFAULT_MODEL = "cp2image-default.safetensors"
+
+
+def default_model_path() -> Path:
+    """The model shipped in the repository's weights/ folder."""
+    return Path(__file__).resolve().parent.parent / "weights" / DEFAULT_MODEL
+
+
+def missing_features_message(spec: ModelSpec, available: set[tuple[str, str]], objects_name: str,
+                             limit: int = 8) -> str | None:
+    """A message naming the model's features no earlier module measures, and who would; else None."""
+    missing = [f for f in spec.features if f not in available]
+    if not missing:
+        return None
+    groups: dict[tuple[str, str], list[str]] = {}
+    for obj, feat in missing:
+        groups.setdefault((producer_of(feat), obj), []).append(feat)
+    parts = []
+    for (module, obj), feats in groups.items():
+        shown = ", ".join(feats[:limit]) + (f" and {len(feats) - limit} more" if len(feats) > limit else "")
+        parts.append(f"{module} on {obj}: {shown}")
+    return (f"The CP2Image model needs {len(missing)} of its {spec.n_features} features that no earlier "
+            f"module measures (add or configure, before CP2Image, " + "; ".join(parts) + ")")
+
+
+@dataclass
+class Synthesized:
+    images: np.ndarray  # (N, C, S, S) float32, object-number order
+    imputed: np.ndarray  # (N,) features imputed per object
+    centers: np.ndarray  # (N, 2) x, y
+
+
+def read_feature_matrix(measurements, spec: ModelSpec, objects_name: str, n: int) -> np.ndarray:
+    """(n, F) raw features of objects 1..n in spec order; other object sets joined by object number."""
+    raw = np.full((n, spec.n_features), np.nan)
+    for j, (obj, feat) in enumerate(spec.features):
+        if not measurements.has_feature(obj, feat):
+            raise CP2ImageError(f"CP2Image: feature {feat} of {obj} was not measured in this image set "
+                                f"(add {producer_of(feat)} for {obj} before CP2Image)")
+        values = measurements.get_current_measurement(obj, feat)
+        values = np.asarray([] if values is None else values, dtype=np.float64).ravel()[:n]
+        raw[:len(values), j] = values
+    return raw
+
+
+def synthesize_objects(synth: Synthesizer, measurements, objects_name: str, labels: np.ndarray,
+                       batch_size: int = 64) -> Synthesized:
+    """Synthesize every object of the current image set, in batches."""
+    spec = synth.spec
+    n = int(labels.max()) if labels.size else 0
+    cx = measurements.get_current_measurement(objects_name, "Location_Center_X")
+    cy = measurements.get_current_measurement(objects_name, "Location_Center_Y")
+    centers = np.full((n, 2), np.nan)
+    if cx is not None and cy is not None and n:
+        m = min(n, len(cx), len(cy))
+        centers[:m, 0], centers[:m, 1] = np.asarray(cx)[:m], np.asarray(cy)[:m]
+    z, imputed = standardize(read_feature_matrix(measurements, spec, objects_name, n), spec)
+    return Synthesized(synth.generate(z, batch_size), imputed, centers)
+
+
+def _atomic_tiff(path: Path, data: np.ndarray, axes: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tifffile.imwrite(str(tmp), data, imagej=True, metadata={"axes": axes})
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CP2ImageError(f"CP2Image could not write {path}: {e.strerror or e}. Check that the output "
+                            "folder exists, is writable and has free space.") from None
+
+
+def write_images(images: np.ndarray, folder: str, base: str, per_object: bool, overwrite: bool,
+                 channels: list[str]) -> str:
+    """Write a stack (N pages of C channels) or one file per object; return the file name (or pattern).
+
+    Refuses to replace an existing file unless ``overwrite``; nothing is written in that case.
+    """
+    out = Path(folder)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CP2ImageError(f"CP2Image cannot create the output folder {out}: {e.strerror or e}") from None
+    if per_object:
+        names = [f"{base}_Object{k:04d}.tiff" for k in range(1, len(images) + 1)]
+        written = f"{base}_Object####.tiff"
+    else:
+        names = [f"{base}.tiff"] if len(images) else []
+        written = names[0] if names else ""
+    if not overwrite:
+        existing = [n for n in names if (out / n).exists()]
+        if existing:
+            raise CP2ImageError(
+                f"CP2Image will not overwrite {out / existing[0]}" +
+                (f" (and {len(existing) - 1} more)" if len(existing) > 1 else "") +
+                ": choose another output folder or set 'Overwrite existing files?' to Yes")
+    data = np.ascontiguousarray(images, dtype=np.float32)
+    if per_object:
+        for name, img in zip(names, data):
+            _atomic_tiff(out / name, img, "CYX")
+    elif names:
+        _atomic_tiff(out / names[0], data, "TCYX")
+    return written
+
+
+def first_image(image_set, names: list[str]):
+    """The first of ``names`` present in the image set (parent for a new image), else None."""
+    for name in names:
+        if name in image_set.names:
+            return image_set.get_image(name)
+    return None
+
+
+def real_crops(image_set, spec: ModelSpec, centers: np.ndarray) -> np.ndarray | None:
+    """Real (N, C, S, S) crops of the model's channels, for the gallery; None if a channel is absent."""
+    if not all(c in image_set.names for c in spec.channels):
+        return None
+    planes = [image_set.get_image(c, must_be_grayscale=True).pixel_data for c in spec.channels]
+    if len({p.shape for p in planes}) != 1:
+        return None
+    return crop_objects(np.stack(planes, axis=-1), centers, spec.crop_size)

@@ -1,0 +1,98 @@
+"""Batched, device-agnostic inference shared by the CellProfiler module and the command-line tools."""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import archs
+from .errors import ModelFileError, SpecError
+from .modelfile import load_model
+from .spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(choice: str = "auto", fallback: bool = True) -> torch.device:
+    """'auto' -> CUDA when present, else CPU; 'cuda' without a GPU falls back (one warning) or fails."""
+    choice = choice.lower()
+    if choice in ("cuda", "gpu"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if not fallback:
+            raise RuntimeError("GPU chosen but PyTorch sees no CUDA device; choose CPU or Automatic")
+        log.warning("CP2Image: GPU chosen but no CUDA device is available; using the CPU")
+        return torch.device("cpu")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cpu":
+        return torch.device("cpu")
+    raise ValueError(f"Unknown device {choice!r}: use auto, cpu or cuda")
+
+
+def build_generator(spec: ModelSpec) -> torch.nn.Module:
+    return archs.build(spec.arch, spec.n_features, spec.n_channels, spec.crop_size, **spec.arch_params)
+
+
+class Synthesizer:
+    """A loaded generator: standardized features (N, F) -> images (N, C, S, S) in CellProfiler units."""
+
+    def __init__(self, spec: ModelSpec, generator: torch.nn.Module, device: torch.device) -> None:
+        self.spec = spec
+        self.device = device
+        self.generator = generator.to(device).eval()
+        if device.type == "cpu":
+            self.generator = self.generator.to(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def generate(self, z: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Images for standardized features ``z``, computed in batches (retrying smaller on CUDA OOM)."""
+        z = np.asarray(z, dtype=np.float32).reshape(-1, self.spec.n_features)
+        s, c = self.spec.crop_size, self.spec.n_channels
+        out = np.empty((len(z), c, s, s), dtype=np.float32)
+        start, bs = 0, max(1, int(batch_size))
+        while start < len(z):
+            try:
+                batch = torch.from_numpy(z[start:start + bs]).to(self.device)
+                out[start:start + len(batch)] = self.generator(batch).float().cpu().numpy()
+                start += len(batch)
+            except torch.cuda.OutOfMemoryError:
+                if bs == 1:
+                    raise
+                bs = max(1, bs // 2)
+                torch.cuda.empty_cache()
+                log.warning("CP2Image: CUDA out of memory; retrying with batch size %d", bs)
+        return out
+
+
+def load_synthesizer_uncached(path: str | os.PathLike, device: str = "auto") -> Synthesizer:
+    spec, tensors = load_model(path)
+    gen = build_generator(spec)
+    try:
+        gen.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise SpecError(f"Model file {path}: weights do not match architecture {spec.arch!r} ({e})") from None
+    return Synthesizer(spec, gen, resolve_device(device))
+
+
+_CACHE: dict[tuple, Synthesizer] = {}
+_LOCK = threading.Lock()
+
+
+def load_synthesizer(path: str | os.PathLike, device: str = "auto") -> Synthesizer:
+    """The model at ``path``, loaded once per process (CellProfiler workers each keep their own)."""
+    p = Path(path).resolve()
+    try:
+        st = p.stat()
+    except OSError:
+        raise ModelFileError(f"Model file not found: {path}") from None
+    key = (str(p), st.st_mtime_ns, st.st_size, device)
+    with _LOCK:
+        if key not in _CACHE:
+            _CACHE.clear()  # one model per process: free the previous one
+            _CACHE[key] = load_synthesizer_uncached(p, device)
+        return _CACHE[key]

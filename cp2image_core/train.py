@@ -1,0 +1,318 @@
+"""Train a generator on CellProfiler exports: ``python -m cp2image_core.train --help``.
+
+A readable loop (after nanoGPT): build or load the cached training set, standardize features,
+then for each step draw a batch, compute the losses, step the optimizers. Every ``--val-every``
+steps: validation loss, a PNG grid of real vs synthesized validation cells, a loss-curve PNG and
+an atomic checkpoint. Each step's batch is drawn from a generator seeded by (seed, step, rank),
+so ``--resume`` continues exactly where a killed run stopped. Runs under ``torchrun`` with DDP.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
+
+from . import __version__, archs
+from .archs.critic import build_critic
+from .dataset import build_training_set
+from .errors import CP2ImageError
+from .features import fit_standardizer, standardize
+from .modelfile import save_model
+from .spec import ModelSpec
+from .synthesize import build_generator, resolve_device
+
+log = logging.getLogger("cp2image.train")
+
+
+def get_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m cp2image_core.train",
+        description="Train a CP2Image generator on CellProfiler outputs (ExportToSpreadsheet CSVs + images).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d = p.add_argument_group("data (what your CellProfiler pipeline exported)")
+    d.add_argument("--export-dir", required=True, help="folder with Image.csv and one <Objects>.csv per object set")
+    d.add_argument("--objects", default="Nuclei", help="objects to centre crops on (one image per object)")
+    d.add_argument("--feature-objects", nargs="+", default=None,
+                   help="object sets whose features are inputs, joined on ImageNumber+ObjectNumber "
+                        "(default: --objects only), e.g. Nuclei Cells Cytoplasm")
+    d.add_argument("--channels", nargs="+", required=True,
+                   help="image names, in order (the <name> of Image.csv's FileName_<name> columns)")
+    d.add_argument("--crop-size", type=int, default=64, help="crop side, pixels")
+    d.add_argument("--image-root", default=None, help="read images from this folder instead of Image.csv's PathName_")
+    d.add_argument("--val-images", type=int, nargs="+", default=None,
+                   help="ImageNumbers held out for validation (default: a seeded --val-fraction of images)")
+    d.add_argument("--val-fraction", type=float, default=0.2, help="fraction of images held out")
+    m = p.add_argument_group("model and optimization")
+    m.add_argument("--arch", default=archs.DEFAULT_ARCH, choices=archs.available(), help="generator architecture")
+    m.add_argument("--loss", default=None, choices=["l1", "adversarial", "paper"],
+                   help="l1: pixel loss only; adversarial: L1 + patch critic (hinge) + feature matching; "
+                        "paper: the CP2Image losses and schedule (default: paper for cp2image-paper, else adversarial)")
+    m.add_argument("--steps", type=int, default=3000, help="optimizer steps")
+    m.add_argument("--batch-size", type=int, default=32, help="cells per step (per process under torchrun)")
+    m.add_argument("--lr", type=float, default=1e-3, help="generator learning rate (Adam)")
+    m.add_argument("--lr-d", type=float, default=2e-4, help="discriminator learning rate")
+    m.add_argument("--weight-decay", type=float, default=1e-4, help="generator weight decay")
+    m.add_argument("--adv-weight", type=float, default=0.05, help="adversarial loss weight (adversarial loss)")
+    m.add_argument("--fm-weight", type=float, default=1.0, help="feature-matching loss weight")
+    m.add_argument("--adv-start", type=int, default=500, help="step at which adversarial terms switch on")
+    m.add_argument("--ema", type=float, default=0.995, help="EMA decay of generator weights (0: off)")
+    m.add_argument("--seed", type=int, default=0, help="seed for the split, initialization and batches")
+    r = p.add_argument_group("run")
+    r.add_argument("--out", required=True, help="model file to write (.safetensors)")
+    r.add_argument("--run-dir", default=None, help="checkpoints, figures, cache (default: <out>.run/)")
+    r.add_argument("--val-every", type=int, default=250, help="steps between validation/figures/checkpoints")
+    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device")
+    r.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    r.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch default)")
+    return p.parse_args(argv)
+
+
+def setup_distributed(device_choice: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); initializes torch.distributed when started by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = resolve_device(device_choice)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def batch_indices(pool: np.ndarray, batch: int, seed: int, step: int, rank: int) -> np.ndarray:
+    """This rank's batch for ``step``: a function of its arguments only, so resumed runs repeat it."""
+    g = np.random.default_rng([seed, step, rank])
+    return pool[g.choice(len(pool), size=batch, replace=len(pool) < batch)]
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write then rename, so a killed run never leaves a half-written checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def save_figures(run_dir: Path, real: np.ndarray, fake: np.ndarray, history: list[dict], step: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .viz import to_rgb
+
+    n = min(8, len(real))
+    fig, ax = plt.subplots(2, n, figsize=(1.6 * n, 3.4), squeeze=False)
+    for i in range(n):
+        for row, imgs, label in ((0, real, "real"), (1, fake, "synthetic")):
+            ax[row, i].imshow(to_rgb(imgs[i], ref=real[i]))
+            ax[row, i].set_axis_off()
+            ax[row, i].set_title(f"{label} {i + 1}", fontsize=7)
+    fig.suptitle(f"validation cells, step {step}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(run_dir / "val_grid.png", dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    keys = sorted({k for h in history for k in h if k != "step"})
+    for k in keys:
+        pts = [(h["step"], h[k]) for h in history if k in h]
+        ax.plot(*zip(*pts), label=k)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(run_dir / "losses.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return train(args)
+    except CP2ImageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def train(args: argparse.Namespace) -> int:
+    rank, world, device = setup_distributed(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    run_dir = Path(args.run_dir or f"{out}.run")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    loss_kind = args.loss or ("paper" if args.arch == "cp2image-paper" else "adversarial")
+
+    # ---- data: cached training set, standardized with training-split statistics
+    ts = build_training_set(args.export_dir, args.objects, args.feature_objects or [args.objects], args.channels,
+                            args.crop_size, args.val_images, args.val_fraction, args.seed,
+                            args.image_root, cache=run_dir / "trainset.npz")
+    train_idx, val_idx = ts.train_idx, ts.val_idx
+    if len(train_idx) == 0 or len(val_idx) == 0:
+        raise CP2ImageError(f"The split left {len(train_idx)} training and {len(val_idx)} validation cells; "
+                            "both must be > 0 (check --val-images / --val-fraction)")
+    mean, std = fit_standardizer(ts.features[train_idx])
+    torch.manual_seed(args.seed)
+    arch_params = {}
+    spec = ModelSpec(
+        arch=args.arch, arch_params=arch_params, object_name=ts.object_name,
+        features=ts.feature_names, feature_mean=mean.tolist(), feature_std=std.tolist(),
+        channels=ts.channels, crop_size=args.crop_size,
+        training={"data": ts.source.get("export_dir"), "feature_objects": ts.source.get("feature_objects"),
+                  "n_train": len(train_idx), "n_val": len(val_idx),
+                  "val_images": sorted(set(ts.image_number[val_idx].tolist())),
+                  "loss": loss_kind, "steps": args.steps, "batch_size": args.batch_size * world,
+                  "seed": args.seed, "command": "python -m cp2image_core.train " + " ".join(sys.argv[1:])},
+    )
+    z_all, _ = standardize(ts.features, spec)
+    z_all = torch.from_numpy(z_all)
+    x_all = torch.from_numpy(ts.crops)
+    if rank == 0:
+        dropped = {k: len(v) for k, v in ts.dropped.items() if v}
+        print(f"training set: {len(train_idx)} train / {len(val_idx)} val cells, {spec.n_features} features "
+              f"(dropped: {dropped}), {spec.n_channels} channels, {args.crop_size}px crops; "
+              f"{args.arch} with {loss_kind} loss on {device} x{world}")
+
+    # ---- models and optimizers
+    gen = build_generator(spec).to(device)
+    critic = build_critic(args.arch, spec.n_channels).to(device) if loss_kind != "l1" else None
+    ema = AveragedModel(gen, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
+    if world > 1:
+        gen = torch.nn.parallel.DistributedDataParallel(gen)
+        if critic is not None:
+            critic = torch.nn.parallel.DistributedDataParallel(critic)
+    opt_g = torch.optim.AdamW(gen.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    opt_d = None
+    if critic is not None:
+        opt_d = (torch.optim.SGD(critic.parameters(), lr=args.lr_d, momentum=0.9) if loss_kind == "paper"
+                 else torch.optim.Adam(critic.parameters(), lr=args.lr_d, betas=(0.5, 0.999)))
+    start, history = 0, []
+    ckpt_path = run_dir / "checkpoint.pt"
+    if args.resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+        _unwrap(gen).load_state_dict(ck["gen"])
+        opt_g.load_state_dict(ck["opt_g"])
+        if critic is not None:
+            _unwrap(critic).load_state_dict(ck["critic"])
+            opt_d.load_state_dict(ck["opt_d"])
+        if ema is not None:
+            ema.load_state_dict(ck["ema"])
+        start, history = ck["step"], ck["history"]
+        if rank == 0:
+            print(f"resumed from {ckpt_path} at step {start}")
+
+    # ---- the loop
+    pool = train_idx[rank::world]
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0, dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 30)
+    t0, seen = time.time(), 0
+    for step in bar:
+        gen.train()
+        idx = torch.from_numpy(batch_indices(pool, args.batch_size, args.seed, step, rank))
+        x, z = x_all[idx].to(device), z_all[idx].to(device)
+        logs = {}
+        with amp:
+            fake = gen(z)
+        if critic is not None and step >= args.adv_start:  # critic step
+            with amp:
+                d_real, _ = critic(x)
+                d_fake, _ = critic(fake.detach())
+            if loss_kind == "paper":
+                loss_d = F.binary_cross_entropy_with_logits(d_real.float(), torch.ones_like(d_real.float())) + \
+                    F.binary_cross_entropy_with_logits(d_fake.float(), torch.zeros_like(d_fake.float()))
+            else:
+                loss_d = F.relu(1 - d_real.float()).mean() + F.relu(1 + d_fake.float()).mean()
+            opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            opt_d.step()
+            logs["d"] = loss_d.item()
+        with amp:  # generator step
+            if loss_kind == "paper":
+                loss_g = 0.5 * (fake.float() - x).pow(2).flatten(1).sum(1).mean()
+            else:
+                loss_g = (fake.float() - x).abs().mean()
+            logs["pixel"] = loss_g.item()
+            if critic is not None and step >= args.adv_start:
+                d_fake, f_fake = critic(fake)
+                with torch.no_grad():
+                    _, f_real = critic(x)
+                # feature matching; for the paper, layer k switches on linearly over 2500 steps after k*2500
+                fm = 0.0
+                for k, (a, b) in enumerate(zip(f_fake, f_real)):
+                    w = (min(1.0, max(0.0, (step - args.adv_start - 2500 * k) / 2500))
+                         if loss_kind == "paper" else 1.0)
+                    fm = fm + w * (a.float().mean(0) - b.float().mean(0)).abs().mean()
+                loss_g = loss_g + args.fm_weight * fm
+                logs["fm"] = float(fm.detach()) if torch.is_tensor(fm) else fm
+                if loss_kind == "adversarial":
+                    adv = -d_fake.float().mean()
+                    loss_g = loss_g + args.adv_weight * adv
+                    logs["adv"] = adv.item()
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_g.step()
+        if ema is not None:
+            ema.update_parameters(_unwrap(gen))
+        seen += len(idx) * world
+        bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
+
+        last = step + 1 == args.steps
+        if (step + 1) % args.val_every == 0 or last:
+            val_gen = ema.module if ema is not None else _unwrap(gen)
+            val = validate(val_gen, x_all[val_idx], z_all[val_idx], device)
+            history.append({"step": step + 1, "val_l1": val["l1"], **{f"train_{k}": v for k, v in logs.items()}})
+            if rank == 0:
+                rate = seen / max(1e-9, time.time() - t0)
+                tqdm.write(f"step {step + 1}: val L1 {val['l1']:.5f}, val MSE {val['mse']:.6f}, {rate:.0f} cells/s")
+                save_figures(run_dir, ts.crops[val_idx[:8]], val["images"][:8], history, step + 1)
+                save_checkpoint(ckpt_path, {
+                    "step": step + 1, "history": history, "gen": _unwrap(gen).state_dict(),
+                    "opt_g": opt_g.state_dict(), "ema": ema.state_dict() if ema is not None else {},
+                    "critic": _unwrap(critic).state_dict() if critic is not None else {},
+                    "opt_d": opt_d.state_dict() if opt_d is not None else {},
+                })
+            if world > 1:
+                dist.barrier()
+
+    if rank == 0:
+        final = ema.module if ema is not None else _unwrap(gen)
+        val = validate(final, x_all[val_idx], z_all[val_idx], device)
+        spec.training.update({"final_val_l1": val["l1"], "final_val_mse": val["mse"],
+                              "cells_per_s": round(seen / max(1e-9, time.time() - t0), 1),
+                              "code_version": __version__})
+        save_model(out, final.state_dict(), spec)
+        (run_dir / "history.json").write_text(json.dumps(history, indent=1))
+        print(f"wrote {out} (val L1 {val['l1']:.5f}, MSE {val['mse']:.6f}); figures in {run_dir}")
+    if world > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+def _unwrap(model):
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+@torch.no_grad()
+def validate(gen: torch.nn.Module, x: torch.Tensor, z: torch.Tensor, device: torch.device, bs: int = 128) -> dict:
+    gen.eval()
+    outs = [gen(z[i:i + bs].to(device)).float().cpu() for i in range(0, len(z), bs)]
+    fake = torch.cat(outs)
+    return {"l1": (fake - x).abs().mean().item(), "mse": (fake - x).pow(2).mean().item(), "images": fake.numpy()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,365 @@
+"""CP2Image: a CellProfiler module that synthesizes an image of each object from its measured features.
+
+Thin glue: settings, validation and measurements live here; everything else is in ``cp2image_core``,
+imported lazily so that this file always loads and can explain what is missing.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+from cellprofiler_core.constants.measurement import (
+    COLTYPE_FLOAT,
+    COLTYPE_INTEGER,
+    COLTYPE_VARCHAR_FILE_NAME,
+    COLTYPE_VARCHAR_PATH_NAME,
+    IMAGE,
+)
+from cellprofiler_core.image import Image
+from cellprofiler_core.module import Module
+from cellprofiler_core.preferences import (
+    ABSOLUTE_FOLDER_NAME,
+    DEFAULT_INPUT_FOLDER_NAME,
+    DEFAULT_INPUT_SUBFOLDER_NAME,
+    DEFAULT_OUTPUT_FOLDER_NAME,
+    DEFAULT_OUTPUT_SUBFOLDER_NAME,
+)
+from cellprofiler_core.setting import Binary, ValidationError
+from cellprofiler_core.setting.choice import Choice
+from cellprofiler_core.setting.subscriber import LabelSubscriber
+from cellprofiler_core.setting.text import Directory, ImageName, Integer, Pathname, Text
+
+__doc__ = """\
+CP2Image
+========
+
+**CP2Image** synthesizes an image of each object (e.g. each nucleus and its cell) from the
+features CellProfiler measured for it — size and shape, intensity, texture — using a generator
+trained on real cells (after Ji et al., *CP2Image*, MIDL 2023). It shows what a profile "looks like",
+lets you see what a feature means, and gives downstream modules synthetic cells to measure.
+
+For each image set it reads every feature the model lists from the measurements made by earlier
+modules (features of related objects, e.g. *Cells* and *Cytoplasm* for *Nuclei*, are joined by
+object number), runs the generator in batches, and writes the synthesized cells as a
+multi-channel TIFF stack (one page per object, in object-number order) or one TIFF per object.
+Intensities are in CellProfiler's units (0–1), channels in the model's order.
+
+|
+
+============ ============ ===============
+Supports 2D? Supports 3D? Respects masks?
+============ ============ ===============
+YES          NO           NO
+============ ============ ===============
+
+What the model needs from the pipeline
+^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
+Every feature the model was trained on, measured by modules *before* CP2Image, under the same
+object and image names. The shipped default model (trained on CellProfiler's ExampleFly images)
+needs *Nuclei*, *Cells* and *Cytoplasm* measured by **MeasureObjectSizeShape**,
+**MeasureObjectIntensity** and **MeasureTexture** on images named *DNA*, *FITC* and *Rhodamine*,
+as in ``pipelines/ExampleFly_features.cppipe``. Missing features are reported before the run
+starts, with the module that measures them. Features that are NaN or infinite for an object
+are replaced by the training mean and counted.
+
+Measurements made by this module
+^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
+**Per image:**
+
+-  *FileName_CP2Image_<objects>*, *PathName_CP2Image_<objects>*: the TIFF stack written (or, with
+   one file per object, the file-name pattern), following CellProfiler's FileName/PathName
+   convention.
+-  *CP2Image_Count_<objects>*: how many objects were synthesized.
+
+**Per object:**
+
+-  *CP2Image_StackIndex*: the page of the stack holding this object (1 = first page), or the
+   number in its per-object file name.
+-  *CP2Image_ImputedFeatures*: how many of this object's features were missing (NaN/inf) and
+   replaced by the training mean.
+
+References
+^^^^^^^^^^
+-  Ji Y, Cutiongco M, Jensen BS, Yuan K (2023) "CP2Image: Generating high-quality single-cell
+   images using CellProfiler representations." *Medical Imaging with Deep Learning (MIDL)*,
+   https://openreview.net/forum?id=4LqtcKZoKeB
+-  Stirling DR et al. (2021) "CellProfiler 4: improvements in speed, utility and usability."
+   *BMC Bioinformatics* 22, 433.
+"""
+
+LOGGER = logging.getLogger(__name__)
+
+MODEL_DEFAULT = "Default model (shipped)"
+MODEL_CUSTOM = "Model file"
+DEVICE_AUTO, DEVICE_CPU, DEVICE_GPU = "Automatic", "CPU", "GPU"
+LAYOUT_STACK = "One TIFF stack per image set"
+LAYOUT_OBJECT = "One TIFF per object"
+CATEGORY = "CP2Image"
+F_STACK_INDEX = "StackIndex"
+F_IMPUTED = "ImputedFeatures"
+GALLERY_SIZE = 6
+
+
+def _core():
+    """Import cp2image_core, also from the repository this file sits in; ImportError says what to do."""
+    try:
+        import cp2image_core  # noqa: F401
+    except ImportError:
+        repo = Path(__file__).resolve().parent.parent
+        if (repo / "cp2image_core").is_dir() and str(repo) not in sys.path:
+            sys.path.append(str(repo))
+    try:
+        import cp2image_core.module_support as support
+    except ImportError as e:
+        raise ImportError(
+            f"CP2Image needs the cp2image_core package and PyTorch in CellProfiler's Python ({e}). "
+            "Install them into the same environment: pip install -e <cp2image repository> torch"
+        ) from None
+    return support
+
+
+class CP2Image(Module):
+    module_name = "CP2Image"
+    category = "Object Processing"
+    variable_revision_number = 1
+    doi = {  # noqa: RUF012  (CellProfiler reads this class attribute)
+        "Please cite the following when using CP2Image:": "https://openreview.net/forum?id=4LqtcKZoKeB",
+        "CellProfiler 4:": "https://doi.org/10.1186/s12859-021-04344-9",
+    }
+
+    def create_settings(self):
+        self.objects_name = LabelSubscriber(
+            "Select the input objects",
+            "Nuclei",
+            doc="The objects to synthesize, one image each, e.g. *Nuclei*. Must be the objects the "
+            "model was trained on (its crops are centred on them).",
+        )
+        self.model_choice = Choice(
+            "Model",
+            [MODEL_DEFAULT, MODEL_CUSTOM],
+            doc=f"*{MODEL_DEFAULT}*: the generator shipped in cp2image's ``weights/`` folder, trained on "
+            f"CellProfiler's ExampleFly cells. *{MODEL_CUSTOM}*: a ``.safetensors`` model you trained "
+            "with ``python -m cp2image_core.train`` on your own screen.",
+        )
+        self.model_file = Pathname(
+            "Model file",
+            "",
+            wildcard="cp2image models (*.safetensors)|*.safetensors",
+            doc="Path of a cp2image model file (``.safetensors``). Only the weights and a JSON spec are "
+            "read; no code in the file is ever run.",
+        )
+        self.device = Choice(
+            "Compute device",
+            [DEVICE_AUTO, DEVICE_CPU, DEVICE_GPU],
+            doc=f"*{DEVICE_AUTO}* (default): a CUDA GPU when PyTorch sees one, else the CPU. *{DEVICE_GPU}* "
+            "falls back to the CPU with a warning when no GPU is present. Each CellProfiler worker "
+            "process loads its own copy of the model.",
+        )
+        self.batch_size = Integer(
+            "Batch size",
+            64,
+            minval=1,
+            maxval=65536,
+            doc="Objects synthesized together (default 64). Larger is faster on a GPU; lower it if memory "
+            "runs out (on a GPU, out-of-memory batches are retried at half the size automatically).",
+        )
+        self.directory = Directory(
+            "Output folder",
+            dir_choices=[
+                DEFAULT_OUTPUT_FOLDER_NAME,
+                DEFAULT_OUTPUT_SUBFOLDER_NAME,
+                DEFAULT_INPUT_FOLDER_NAME,
+                DEFAULT_INPUT_SUBFOLDER_NAME,
+                ABSOLUTE_FOLDER_NAME,
+            ],
+            doc="Where the synthesized images are written (default: the Default Output Folder). "
+            "Sub-folder names may use metadata tags, e.g. ``\\g<Plate>``.",
+        )
+        self.file_layout = Choice(
+            "File layout",
+            [LAYOUT_STACK, LAYOUT_OBJECT],
+            doc=f"*{LAYOUT_STACK}* (default): ``<prefix>_<objects>_ImageSet<NNNN>.tiff``, one page per object "
+            "in object-number order, each page holding the model's channels (ImageJ hyperstack, "
+            f"float32, 0–1). *{LAYOUT_OBJECT}*: ``<prefix>_<objects>_ImageSet<NNNN>_Object<NNNN>.tiff``.",
+        )
+        self.file_prefix = Text(
+            "File name prefix",
+            "CP2Image",
+            doc="Start of every file name written by this module (default *CP2Image*).",
+        )
+        self.overwrite = Binary(
+            "Overwrite existing files?",
+            False,
+            doc="*No* (default): stop with an error rather than replace a file already in the output "
+            "folder. *Yes*: replace it. Files are written under a temporary name and renamed, so an "
+            "interrupted run never leaves a half-written file under the final name.",
+        )
+        self.wants_field = Binary(
+            "Add a synthetic field image?",
+            False,
+            doc="*Yes*: add an image to the image set in which each synthesized cell is pasted at its "
+            "object's position, inside the object's outline (zero elsewhere), so that downstream "
+            "modules can measure synthetic cells with the real objects. It has the model's channels; "
+            "use **ColorToGray** (*Split*) to measure them one by one.",
+        )
+        self.field_name = ImageName(
+            "Name the synthetic field image",
+            "SyntheticField",
+            doc="Name of the synthetic field image for downstream modules (default *SyntheticField*).",
+        )
+
+    def settings(self):
+        return [
+            self.objects_name, self.model_choice, self.model_file, self.device, self.batch_size,
+            self.directory, self.file_layout, self.file_prefix, self.overwrite, self.wants_field,
+            self.field_name,
+        ]
+
+    def visible_settings(self):
+        result = [self.objects_name, self.model_choice]
+        if self.model_choice == MODEL_CUSTOM:
+            result.append(self.model_file)
+        result += [self.device, self.batch_size, self.directory, self.file_layout, self.file_prefix,
+                   self.overwrite, self.wants_field]
+        if self.wants_field:
+            result.append(self.field_name)
+        return result
+
+    def upgrade_settings(self, setting_values, variable_revision_number, module_name):
+        # Revision 1 is the first; later revisions add their conversions here so saved pipelines load.
+        return setting_values, variable_revision_number
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def model_path(self) -> str:
+        if self.model_choice == MODEL_DEFAULT:
+            return str(_core().default_model_path())
+        return self.model_file.value
+
+    def stack_name(self) -> str:
+        return f"{CATEGORY}_{self.objects_name.value}"
+
+    # ---- validation --------------------------------------------------------------------------
+    def validate_module(self, pipeline):
+        try:
+            support = _core()
+        except ImportError as e:
+            raise ValidationError(str(e), self.model_choice) from None
+        setting = self.model_file if self.model_choice == MODEL_CUSTOM else self.model_choice
+        try:
+            spec = support.read_spec(self.model_path())
+        except support.CP2ImageError as e:
+            raise ValidationError(str(e), setting) from None
+        if spec.object_name != self.objects_name.value:
+            LOGGER.info("CP2Image: model trained on %s, applied to %s", spec.object_name, self.objects_name.value)
+        available = {(c[0], c[1]) for c in pipeline.get_measurement_columns(self)}
+        message = support.missing_features_message(spec, available, self.objects_name.value)
+        if message:
+            raise ValidationError(message, self.objects_name)
+        if self.wants_field and spec.n_channels < 1:
+            raise ValidationError("The model has no channels", self.wants_field)
+
+    def prepare_run(self, workspace):
+        """Stop before the first image set (headless too) when the model cannot run in this pipeline."""
+        try:
+            self.test_valid(workspace.pipeline)
+        except ValidationError as e:
+            LOGGER.error("CP2Image: %s", e.message)
+            workspace.pipeline.report_prepare_run_error(self, f"CP2Image: {e.message}")
+            return False
+        return True
+
+    # ---- running -----------------------------------------------------------------------------
+    def run(self, workspace):
+        support = _core()
+        objects_name = self.objects_name.value
+        objects = workspace.object_set.get_objects(objects_name)
+        measurements = workspace.measurements
+        synth = support.load_synthesizer(self.model_path(), self.device.value)
+        result = support.synthesize_objects(
+            synth,
+            measurements,
+            objects_name,
+            objects.segmented,
+            batch_size=self.batch_size.value,
+        )
+        folder = self.directory.get_absolute_path(measurements)
+        image_number = measurements.image_set_number
+        written_name = support.write_images(
+            result.images,
+            folder,
+            f"{self.file_prefix.value}_{objects_name}_ImageSet{image_number:04d}",
+            per_object=self.file_layout == LAYOUT_OBJECT,
+            overwrite=self.overwrite.value,
+            channels=synth.spec.channels,
+        )
+        n = len(result.images)
+        measurements.add_image_measurement(f"FileName_{self.stack_name()}", written_name)
+        measurements.add_image_measurement(f"PathName_{self.stack_name()}", folder)
+        measurements.add_image_measurement(f"{CATEGORY}_Count_{objects_name}", n)
+        measurements.add_measurement(objects_name, f"{CATEGORY}_{F_STACK_INDEX}", np.arange(1, n + 1))
+        measurements.add_measurement(objects_name, f"{CATEGORY}_{F_IMPUTED}", result.imputed)
+        if result.imputed.any():
+            LOGGER.warning(
+                "CP2Image: image set %d: %d feature values of %d %s were NaN/inf and imputed "
+                "with the training mean", image_number, int(result.imputed.sum()),
+                int((result.imputed > 0).sum()), objects_name,
+            )
+        if self.wants_field:
+            field = support.paste_into_objects(result.images, objects.segmented, result.centers)
+            parent = support.first_image(workspace.image_set, synth.spec.channels)
+            pixels = field[:, :, 0] if field.shape[2] == 1 else field
+            workspace.image_set.add(self.field_name.value, Image(pixels, parent_image=parent))
+        if self.show_window:
+            real = support.real_crops(workspace.image_set, synth.spec, result.centers[:GALLERY_SIZE])
+            workspace.display_data.real = real
+            workspace.display_data.synthetic = result.images[:GALLERY_SIZE]
+            workspace.display_data.count = n
+
+    def display(self, workspace, figure):
+        synthetic = workspace.display_data.synthetic
+        real = workspace.display_data.real
+        n = len(synthetic)
+        if n == 0:
+            figure.set_subplots((1, 1))
+            figure.subplot_table(0, 0, [["No objects in this image set"]])
+            return
+        to_rgb = _core().to_rgb
+        figure.set_subplots((n, 2))
+        for i in range(n):
+            ref = real[i] if real is not None else None
+            if ref is not None:
+                figure.subplot_imshow_color(i, 0, to_rgb(ref), title=f"Real #{i + 1}")
+            figure.subplot_imshow_color(i, 1, to_rgb(synthetic[i], ref=ref), title=f"Synthetic #{i + 1}")
+
+    # ---- measurements declared to CellProfiler ----------------------------------------------
+    def get_measurement_columns(self, pipeline):
+        obj = self.objects_name.value
+        return [
+            (IMAGE, f"FileName_{self.stack_name()}", COLTYPE_VARCHAR_FILE_NAME),
+            (IMAGE, f"PathName_{self.stack_name()}", COLTYPE_VARCHAR_PATH_NAME),
+            (IMAGE, f"{CATEGORY}_Count_{obj}", COLTYPE_INTEGER),
+            (obj, f"{CATEGORY}_{F_STACK_INDEX}", COLTYPE_INTEGER),
+            (obj, f"{CATEGORY}_{F_IMPUTED}", COLTYPE_FLOAT),
+        ]
+
+    def get_categories(self, pipeline, object_name):
+        if object_name == IMAGE:
+            return ["FileName", "PathName", CATEGORY]
+        if object_name == self.objects_name.value:
+            return [CATEGORY]
+        return []
+
+    def get_measurements(self, pipeline, object_name, category):
+        if object_name == IMAGE and category in ("FileName", "PathName"):
+            return [self.stack_name()]
+        if object_name == IMAGE and category == CATEGORY:
+            return [f"Count_{self.objects_name.value}"]
+        if object_name == self.objects_name.value and category == CATEGORY:
+            return [F_STACK_INDEX, F_IMPUTED]
+        return []
+
+    def volumetric(self):
+        return False
+

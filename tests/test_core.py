@@ -1,0 +1,88 @@
+"""Crops, features and architectures on inputs whose answer is known."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cp2image_core import archs
+from cp2image_core.archs.paper import paper_sizes
+from cp2image_core.crops import crop_objects, paste_into_objects
+from cp2image_core.features import select_features, standardize
+from cp2image_core.spec import ModelSpec
+
+
+def test_crop_is_centred_and_padded():
+    rng = np.random.default_rng(0)
+    img = rng.random((50, 60, 2)).astype(np.float32)
+    centers = np.array([[10.4, 20.6], [0.0, 0.0], [59.0, 49.0]])
+    crops = crop_objects(img, centers, 16)
+    assert crops.shape == (3, 2, 16, 16)
+    assert np.array_equal(crops[0, :, 8, 8], img[21, 10])  # (x, y) rounded -> row 21, column 10
+    assert np.array_equal(crops[1, :, 8, 8], img[0, 0])
+    assert np.all(crops[1, :, :8, :] == 0) and np.all(crops[1, :, :, :8] == 0)  # padded, not shifted
+    assert np.array_equal(crops[2, :, 8, 8], img[49, 59])
+    assert np.all(crops[2, :, 9:, :] == 0)
+
+
+def test_paste_is_zero_outside_objects_and_matches_crop_inside():
+    labels = np.zeros((40, 40), int)
+    labels[5:10, 5:12] = 1
+    labels[20:30, 25:33] = 2
+    centers = np.array([[8.0, 7.0], [28.5, 24.5]])
+    crops = np.random.default_rng(1).random((2, 3, 16, 16)).astype(np.float32) + 0.1
+    field = paste_into_objects(crops, labels, centers)
+    assert field.shape == (40, 40, 3)
+    assert np.all(field[labels == 0] == 0)
+    assert np.all(field[labels > 0] > 0)
+    # a pixel of object 2 at (row 22, col 27): offset from centre (24 -> rounds 24, 28 -> 28)
+    assert np.array_equal(field[22, 27], crops[1, :, 22 - 24 + 8, 27 - 28 + 8])
+    # cropping the field back at each centre returns the crop inside the object
+    back = crop_objects(field, centers, 16)
+    inside = crop_objects(labels.astype(np.float32), centers, 16)[:, 0] == np.array([1, 2])[:, None, None]
+    assert np.allclose(back.transpose(0, 2, 3, 1)[inside], crops.transpose(0, 2, 3, 1)[inside])
+
+
+def test_standardize_imputes_counts_and_clips():
+    spec = ModelSpec(arch="cp2image-decoder", arch_params={}, object_name="Nuclei",
+                     features=[("Nuclei", "A"), ("Nuclei", "B")], feature_mean=[10.0, 0.0],
+                     feature_std=[2.0, 1.0], channels=["DNA"], crop_size=16)
+    z, n = standardize(np.array([[12.0, np.nan], [np.inf, 100.0], [10.0, -1.0]]), spec)
+    assert z.dtype == np.float32
+    assert np.allclose(z, [[1.0, 0.0], [0.0, 5.0], [0.0, -1.0]])
+    assert n.tolist() == [1, 1, 0]
+
+
+def test_select_features_follows_design_rules():
+    names = [("Nuclei", "AreaShape_Area"), ("Nuclei", "Location_Center_X"), ("Nuclei", "AreaShape_Center_X"),
+             ("Nuclei", "Number_Object_Number"), ("Cells", "AreaShape_EulerNumber"),
+             ("Cells", "Texture_Contrast_DNA_3_00_256"), ("Cells", "Parent_Nuclei")]
+    v = np.random.default_rng(0).random((20, len(names)))
+    v[:, 4] = 1.0  # constant
+    v[:5, 5] = np.nan  # 25% missing
+    keep, dropped = select_features(names, v)
+    assert keep == [0]
+    assert set(dropped["not a feature"]) == {"Nuclei.Location_Center_X", "Nuclei.AreaShape_Center_X",
+                                             "Nuclei.Number_Object_Number", "Cells.Parent_Nuclei"}
+    assert dropped["constant"] == ["Cells.AreaShape_EulerNumber"]
+    assert dropped["mostly missing"] == ["Cells.Texture_Contrast_DNA_3_00_256"]
+
+
+def test_paper_sizes_match_reference():
+    assert paper_sizes(68) == [10, 28, 64]
+
+
+@pytest.mark.parametrize("arch", archs.available())
+@pytest.mark.parametrize("crop", [64, 68])
+def test_generators_shape_and_batch_independence(arch, crop):
+    torch.manual_seed(0)
+    gen = archs.build(arch, 12, 3, crop)
+    gen.train()
+    gen(torch.randn(8, 12))  # a training step moves batch-norm statistics away from their defaults
+    gen.eval()
+    z = torch.randn(5, 12)
+    with torch.no_grad():
+        batched = gen(z)
+        single = torch.cat([gen(z[i:i + 1]) for i in range(5)])
+    assert batched.shape == (5, 3, crop, crop)
+    assert torch.allclose(batched, single, atol=1e-5)

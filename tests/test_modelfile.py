@@ -1,0 +1,130 @@
+"""The model file contract: safetensors + JSON spec; clear errors; never unpickle."""
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cp2image_core import archs
+from cp2image_core.errors import ModelFileError, SpecError
+from cp2image_core.modelfile import SPEC_KEY, load_model, read_spec, save_model
+from cp2image_core.spec import ModelSpec
+
+
+def make_spec(**kw) -> ModelSpec:
+    d = dict(arch="cp2image-decoder", arch_params={"width": 32, "hidden": 64}, object_name="Nuclei",
+             features=[("Nuclei", "AreaShape_Area"), ("Cells", "Intensity_MeanIntensity_DNA")],
+             feature_mean=[300.0, 0.1], feature_std=[80.0, 0.05], channels=["DNA", "FITC"], crop_size=32)
+    d.update(kw)
+    return ModelSpec(**d)
+
+
+def test_roundtrip_keeps_spec_and_weights(tmp_path):
+    spec = make_spec()
+    gen = archs.build(spec.arch, spec.n_features, spec.n_channels, spec.crop_size, **spec.arch_params)
+    path = save_model(tmp_path / "m.safetensors", gen.state_dict(), spec)
+    spec2, tensors = load_model(path)
+    assert spec2 == spec
+    for k, v in gen.state_dict().items():
+        assert torch.equal(tensors[k], v)
+    assert not list(tmp_path.glob(".*tmp*")), "temporary file left behind"
+
+
+def test_read_spec_does_not_import_torch(tmp_path):
+    spec = make_spec()
+    gen = archs.build(spec.arch, spec.n_features, spec.n_channels, spec.crop_size, **spec.arch_params)
+    path = save_model(tmp_path / "m.safetensors", gen.state_dict(), spec)
+    code = ("import sys; from cp2image_core.modelfile import read_spec; "
+            f"s = read_spec({str(path)!r}); assert s.n_features == 2; assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_truncated_file(tmp_path):
+    spec = make_spec()
+    gen = archs.build(spec.arch, spec.n_features, spec.n_channels, spec.crop_size, **spec.arch_params)
+    path = save_model(tmp_path / "m.safetensors", gen.state_dict(), spec)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError, match="truncated"):
+        load_model(cut)
+    (tmp_path / "tiny.safetensors").write_bytes(b"abc")
+    with pytest.raises(ModelFileError, match="empty or truncated"):
+        read_spec(tmp_path / "tiny.safetensors")
+
+
+def test_missing_and_not_safetensors(tmp_path):
+    with pytest.raises(ModelFileError, match="not found"):
+        read_spec(tmp_path / "nope.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(struct.pack("<Q", 5) + b"hello" + b"\0" * 20)
+    (tmp_path / "j2.safetensors").write_bytes(struct.pack("<Q", 7) + b"{hello}" + b"\0" * 20)
+    with pytest.raises(ModelFileError, match="not a safetensors file"):
+        read_spec(tmp_path / "j2.safetensors")
+    with pytest.raises(ModelFileError, match="not a safetensors file"):
+        read_spec(junk)
+
+
+class _Marker:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickle_is_refused_and_never_run(tmp_path):
+    marker = tmp_path / "EXECUTED"
+    bad = tmp_path / "evil.safetensors"
+    bad.write_bytes(pickle.dumps(_Marker(str(marker))))
+    with pytest.raises(ModelFileError, match="pickle"):
+        load_model(bad)
+    assert not marker.exists()
+    torch_file = tmp_path / "torchsave.safetensors"  # torch.save's zip format
+    torch.save({"w": torch.zeros(2), "x": _Marker(str(marker))}, torch_file)
+    with pytest.raises(ModelFileError, match="pickle"):
+        load_model(torch_file)
+    assert not marker.exists()
+
+
+def test_safetensors_without_spec(tmp_path):
+    from safetensors.torch import save_file
+
+    p = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(3)}, str(p))
+    with pytest.raises(ModelFileError, match="not a cp2image model"):
+        read_spec(p)
+
+
+def _with_spec_dict(tmp_path, d: dict):
+    from safetensors.torch import save_file
+
+    p = tmp_path / "x.safetensors"
+    save_file({"w": torch.zeros(1)}, str(p), metadata={SPEC_KEY: json.dumps(d)})
+    return p
+
+
+def test_newer_version_and_bad_fields_are_named(tmp_path):
+    d = json.loads(make_spec().to_json())
+    with pytest.raises(SpecError, match="newer cp2image"):
+        read_spec(_with_spec_dict(tmp_path, {**d, "format_version": 99}))
+    with pytest.raises(SpecError, match="feature_std.*Cells.Intensity_MeanIntensity_DNA"):
+        read_spec(_with_spec_dict(tmp_path, {**d, "feature_std": [1.0, 0.0]}))
+    missing = {k: v for k, v in d.items() if k != "channels"}
+    with pytest.raises(SpecError, match="channels"):
+        read_spec(_with_spec_dict(tmp_path, missing))
+    with pytest.raises(SpecError, match="2 numbers"):
+        read_spec(_with_spec_dict(tmp_path, {**d, "feature_mean": [1.0]}))
+
+
+def test_unknown_architecture_is_named(tmp_path):
+    from cp2image_core.synthesize import load_synthesizer_uncached
+
+    p = _with_spec_dict(tmp_path, json.loads(make_spec(arch="unet-9000").to_json()))
+    with pytest.raises(SpecError, match="unet-9000"):
+        load_synthesizer_uncached(p)
