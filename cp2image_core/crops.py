@@ -36,15 +36,18 @@ def crop_objects(image: np.ndarray, centers_xy: np.ndarray, size: int, chunk: in
     return out
 
 
-def paste_into_objects(crops: np.ndarray, labels: np.ndarray, centers_xy: np.ndarray) -> np.ndarray:
-    """A (H, W, C) field: crop k (object number k + 1) painted inside that object's mask, zero elsewhere.
+def paste_into_objects(crops: np.ndarray, labels: np.ndarray, centers_xy: np.ndarray,
+                       first: int = 1, field: np.ndarray | None = None) -> np.ndarray:
+    """A (H, W, C) field: crop k (object number ``first + k``) painted inside that object's mask, zero elsewhere.
 
-    Each crop is placed with its centre on the object's centre, as ``crop_objects`` cut it.
+    Each crop is placed with its centre on the object's centre, as ``crop_objects`` cut it; ``centers_xy``
+    holds the centres of objects 1..N. Pass ``field`` to paint a batch of objects into an existing field.
     """
     n, c, size, _ = crops.shape
     h, w = labels.shape
-    field = np.zeros((h, w, c), dtype=np.float32)
-    ys, xs = np.nonzero((labels > 0) & (labels <= n))
+    if field is None:
+        field = np.zeros((h, w, c), dtype=np.float32)
+    ys, xs = np.nonzero((labels >= first) & (labels < first + n))
     if len(ys) == 0:
         return field
     k = labels[ys, xs].astype(np.int64) - 1
@@ -55,5 +58,5 @@ def paste_into_objects(crops: np.ndarray, labels: np.ndarray, centers_xy: np.nda
     dx = xs - np.round(centers[k, 0]).astype(np.int64) + size // 2
     inside = (dy >= 0) & (dy < size) & (dx >= 0) & (dx < size)
     ys, xs, k, dy, dx = ys[inside], xs[inside], k[inside], dy[inside], dx[inside]
-    field[ys, xs] = crops[k, :, dy, dx]
+    field[ys, xs] = crops[k - (first - 1), :, dy, dx]
     return field

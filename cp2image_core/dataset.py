@@ -93,6 +93,22 @@ def load_image(path: Path) -> np.ndarray:
     return img.astype(np.float32)
 
 
+def load_labels(path: Path) -> np.ndarray:
+    """A label image (object numbers, as SaveImages writes ConvertObjectsToImage's uint16 output)."""
+    import skimage.io
+
+    if not path.exists():
+        raise DataError(f"Label image {path} not found (moved? use --image-root to point at its new folder)")
+    try:
+        labels = skimage.io.imread(str(path))
+    except Exception as e:
+        raise DataError(f"Label image {path} could not be read: {e}") from None
+    if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"Label image {path} must be one plane of integer object numbers "
+                        f"(got {labels.dtype} {labels.shape}); save it as 16-bit from ConvertObjectsToImage uint16")
+    return labels.astype(np.int64)
+
+
 @dataclass
 class TrainingSet:
     """Crops, features and the split: everything training needs, cacheable as one .npz."""
@@ -107,6 +123,7 @@ class TrainingSet:
     is_val: np.ndarray  # (N,) bool: in the held-out images
     dropped: dict[str, list[str]] = field(default_factory=dict)
     source: dict = field(default_factory=dict)
+    masks: np.ndarray | None = None  # (N, S, S) bool: the object's own pixels, when labels were exported
 
     @property
     def train_idx(self) -> np.ndarray:
@@ -122,6 +139,7 @@ class TrainingSet:
                  feature_names=np.array([f"{o}\t{f}" for o, f in self.feature_names]),
                  channels=np.array(self.channels), image_number=self.image_number,
                  object_number=self.object_number, is_val=self.is_val,
+                 masks=self.masks if self.masks is not None else np.zeros(0, bool),
                  meta=np.array(json.dumps({"object_name": self.object_name, "dropped": self.dropped,
                                            "source": self.source})))
         os.replace(tmp, path)
@@ -134,7 +152,8 @@ class TrainingSet:
                        feature_names=[tuple(s.split("\t")) for s in d["feature_names"].tolist()],
                        channels=d["channels"].tolist(), object_name=meta["object_name"],
                        image_number=d["image_number"], object_number=d["object_number"],
-                       is_val=d["is_val"], dropped=meta["dropped"], source=meta["source"])
+                       is_val=d["is_val"], dropped=meta["dropped"], source=meta["source"],
+                       masks=d["masks"] if "masks" in d.files and d["masks"].ndim == 3 else None)
 
 
 def split_images(image_numbers: np.ndarray, val_images: list[int] | None, val_fraction: float,
@@ -166,16 +185,22 @@ def build_training_set(
     seed: int = 0,
     image_root: str | os.PathLike | None = None,
     cache: str | os.PathLike | None = None,
+    mask_image: str | None = None,
 ) -> TrainingSet:
-    """Join the object CSVs, select features, crop every object, split by image (cached if asked)."""
+    """Join the object CSVs, select features, crop every object, split by image (cached if asked).
+
+    ``mask_image`` names an exported label image of the crop objects (Image.csv's FileName_<name>): each
+    crop then gets the mask of its own object.
+    """
     export_dir = Path(export_dir)
     feature_objects = list(feature_objects or [object_name])
     channels = list(channels or [])
     if not channels:
         raise DataError("Name at least one channel (the image names of Image.csv's FileName_<name> columns)")
-    csvs = [export_dir / "Image.csv"] + [export_dir / f"{o}.csv" for o in dict.fromkeys([object_name, *feature_objects])]
+    objects = dict.fromkeys([object_name, *feature_objects])
+    csvs = [export_dir / "Image.csv"] + [export_dir / f"{o}.csv" for o in objects]
     key = json.dumps([str(export_dir.resolve()), object_name, feature_objects, channels, crop_size,
-                      val_images, val_fraction, seed, str(image_root),
+                      val_images, val_fraction, seed, str(image_root), mask_image,
                       [(str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in csvs if p.exists()]])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     if cache is not None:
@@ -191,7 +216,7 @@ def build_training_set(
     ih, irows = _read_csv(img_path)
     inums = _numeric(img_path, ih, irows, "ImageNumber").astype(np.int64)
     files: dict[int, list[Path]] = {}
-    for ch in channels:
+    for ch in [*channels, *([mask_image] if mask_image else [])]:
         for col in (f"FileName_{ch}", f"PathName_{ch}"):
             if col not in ih:
                 have = sorted(c[len("FileName_"):] for c in ih if c.startswith("FileName_"))
@@ -199,7 +224,7 @@ def build_training_set(
                                 f"export (its images: {', '.join(have) or 'none'})")
     for r, num in zip(irows, inums):
         paths = []
-        for ch in channels:
+        for ch in [*channels, *([mask_image] if mask_image else [])]:
             name, folder = r[ih.index(f"FileName_{ch}")], r[ih.index(f"PathName_{ch}")]
             paths.append(Path(image_root) / name if image_root else Path(folder) / name)
         files[int(num)] = paths
@@ -247,21 +272,26 @@ def build_training_set(
             log.info("dropped %d %s columns: %s", len(cols), reason, ", ".join(cols[:10]))
 
     crops = np.zeros((len(keys), len(channels), crop_size, crop_size), dtype=np.float32)
+    masks = np.zeros((len(keys), crop_size, crop_size), dtype=bool) if mask_image else None
     for num in np.unique(img_no):
         if int(num) not in files:
             raise DataError(f"{obj_path}: ImageNumber {num} is not in {img_path}")
         rows_here = np.flatnonzero(img_no == num)
-        planes = [load_image(f) for f in files[int(num)]]
+        planes = [load_image(f) for f in files[int(num)][:len(channels)]]
+        centers = np.stack([cx[rows_here], cy[rows_here]], axis=1)
+        if mask_image:
+            labels = load_labels(files[int(num)][-1]).astype(np.float32)
+            cut = crop_objects(labels, centers, crop_size)[:, 0]
+            masks[rows_here] = cut == obj_no[rows_here, None, None]
         if len({pl.shape for pl in planes}) != 1:
             raise DataError(f"Image set {num}: channels differ in size: "
                             + ", ".join(f"{f.name} {pl.shape}" for f, pl in zip(files[int(num)], planes)))
-        centers = np.stack([cx[rows_here], cy[rows_here]], axis=1)
         crops[rows_here] = crop_objects(np.stack(planes, axis=-1), centers, crop_size)
 
     ts = TrainingSet(
         crops=crops, features=values[:, keep], feature_names=[names[i] for i in keep], channels=channels,
         object_name=object_name, image_number=img_no, object_number=obj_no,
-        is_val=split_images(img_no, val_images, val_fraction, seed), dropped=dropped,
+        is_val=split_images(img_no, val_images, val_fraction, seed), dropped=dropped, masks=masks,
         source={"key": digest, "export_dir": str(export_dir.resolve()), "feature_objects": feature_objects,
                 "crop_size": crop_size, "images": {str(k): [str(p) for p in v] for k, v in files.items()}},
     )

@@ -28,9 +28,8 @@ __all__ = [
     "paste_into_objects",
     "read_spec",
     "real_crops",
-    "synthesize_objects",
+    "synthesize_and_write",
     "to_rgb",
-    "write_images",
 ]
 
 DEFAULT_MODEL = "cp2image-default.safetensors"
@@ -60,12 +59,15 @@ def missing_features_message(spec: ModelSpec, available: set[tuple[str, str]], o
 
 @dataclass
 class Synthesized:
-    images: np.ndarray  # (N, C, S, S) float32, object-number order
+    count: int  # objects synthesized
     imputed: np.ndarray  # (N,) features imputed per object
     centers: np.ndarray  # (N, 2) x, y
+    file_name: str  # the stack written, the per-object pattern, or "" when there were no objects
+    field: np.ndarray | None  # (H, W, C) synthetic field, when asked for
+    gallery: np.ndarray  # (k, C, S, S) the first synthesized images, for the module's display
 
 
-def read_feature_matrix(measurements, spec: ModelSpec, objects_name: str, n: int) -> np.ndarray:
+def read_feature_matrix(measurements, spec: ModelSpec, n: int) -> np.ndarray:
     """(n, F) raw features of objects 1..n in spec order; other object sets joined by object number."""
     raw = np.full((n, spec.n_features), np.nan)
     for j, (obj, feat) in enumerate(spec.features):
@@ -78,63 +80,88 @@ def read_feature_matrix(measurements, spec: ModelSpec, objects_name: str, n: int
     return raw
 
 
-def synthesize_objects(synth: Synthesizer, measurements, objects_name: str, labels: np.ndarray,
-                       batch_size: int = 64) -> Synthesized:
-    """Synthesize every object of the current image set, in batches."""
-    spec = synth.spec
-    n = int(labels.max()) if labels.size else 0
+def object_centers(measurements, objects_name: str, n: int) -> np.ndarray:
+    centers = np.full((n, 2), np.nan)
     cx = measurements.get_current_measurement(objects_name, "Location_Center_X")
     cy = measurements.get_current_measurement(objects_name, "Location_Center_Y")
-    centers = np.full((n, 2), np.nan)
     if cx is not None and cy is not None and n:
         m = min(n, len(cx), len(cy))
         centers[:m, 0], centers[:m, 1] = np.asarray(cx)[:m], np.asarray(cy)[:m]
-    z, imputed = standardize(read_feature_matrix(measurements, spec, objects_name, n), spec)
-    return Synthesized(synth.generate(z, batch_size), imputed, centers)
+    return centers
 
 
-def _atomic_tiff(path: Path, data: np.ndarray, axes: str) -> None:
+def synthesize_and_write(synth: Synthesizer, measurements, objects_name: str, labels: np.ndarray, *,
+                         batch_size: int, folder: str, base: str, per_object: bool, overwrite: bool,
+                         want_field: bool, keep: int = 6) -> Synthesized:
+    """Synthesize every object of the image set batch by batch, streaming pages to disk.
+
+    Memory stays bounded by the batch (plus the field image), whatever the number of objects.
+    """
+    spec = synth.spec
+    n = int(labels.max()) if labels.size else 0
+    centers = object_centers(measurements, objects_name, n)
+    z, imputed = standardize(read_feature_matrix(measurements, spec, n), spec)
+    out = Path(folder)
+    names = ([f"{base}_Object{k:04d}.tiff" for k in range(1, n + 1)] if per_object
+             else [f"{base}.tiff"] if n else [])
+    check_writable(out, names, overwrite)
+    field = np.zeros((*labels.shape, spec.n_channels), np.float32) if want_field else None
+    gallery: list[np.ndarray] = []
+
+    def batches():
+        for start, images in synth.iter_generate(z, batch_size):
+            if field is not None:
+                paste_into_objects(images, labels, centers, first=start + 1, field=field)
+            gallery.extend(images[: max(0, keep - len(gallery))])
+            yield start, images
+
+    if per_object:
+        for start, images in batches():
+            for i, img in enumerate(images):
+                _atomic_tiff(out / names[start + i], img, "CYX")
+    elif n:
+        planes = (plane for _, images in batches() for img in images for plane in img)
+        _atomic_tiff(out / names[0], planes, "TCYX", shape=(n, spec.n_channels, spec.crop_size, spec.crop_size))
+    s = spec.crop_size
+    return Synthesized(
+        count=n, imputed=imputed, centers=centers,
+        file_name=(f"{base}_Object####.tiff" if per_object and n else names[0] if names else ""),
+        field=field, gallery=np.stack(gallery) if gallery else np.zeros((0, spec.n_channels, s, s), np.float32),
+    )
+
+
+def check_writable(out: Path, names: list[str], overwrite: bool) -> None:
+    """Create the folder; refuse (before anything is written) to replace files unless ``overwrite``."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CP2ImageError(f"CP2Image cannot create the output folder {out}: {e.strerror or e}") from None
+    if not os.access(out, os.W_OK):
+        raise CP2ImageError(f"CP2Image cannot write to the output folder {out}: permission denied")
+    if not overwrite:
+        existing = [n for n in names if (out / n).exists()]
+        if existing:
+            more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+            raise CP2ImageError(f"CP2Image will not overwrite {out / existing[0]}{more}: choose another output "
+                                "folder or set 'Overwrite existing files?' to Yes")
+
+
+def _atomic_tiff(path: Path, data, axes: str, shape: tuple | None = None) -> None:
+    """Write a float32 ImageJ TIFF under a temporary name, then rename it; ``data`` may stream planes."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tifffile.imwrite(str(tmp), data, imagej=True, metadata={"axes": axes})
+        if shape is None:
+            tifffile.imwrite(str(tmp), np.ascontiguousarray(data, np.float32), imagej=True, metadata={"axes": axes})
+        else:
+            tifffile.imwrite(str(tmp), data, shape=shape, dtype=np.float32, imagej=True, metadata={"axes": axes})
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise CP2ImageError(f"CP2Image could not write {path}: {e.strerror or e}. Check that the output "
                             "folder exists, is writable and has free space.") from None
-
-
-def write_images(images: np.ndarray, folder: str, base: str, per_object: bool, overwrite: bool,
-                 channels: list[str]) -> str:
-    """Write a stack (N pages of C channels) or one file per object; return the file name (or pattern).
-
-    Refuses to replace an existing file unless ``overwrite``; nothing is written in that case.
-    """
-    out = Path(folder)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CP2ImageError(f"CP2Image cannot create the output folder {out}: {e.strerror or e}") from None
-    if per_object:
-        names = [f"{base}_Object{k:04d}.tiff" for k in range(1, len(images) + 1)]
-        written = f"{base}_Object####.tiff"
-    else:
-        names = [f"{base}.tiff"] if len(images) else []
-        written = names[0] if names else ""
-    if not overwrite:
-        existing = [n for n in names if (out / n).exists()]
-        if existing:
-            raise CP2ImageError(
-                f"CP2Image will not overwrite {out / existing[0]}" +
-                (f" (and {len(existing) - 1} more)" if len(existing) > 1 else "") +
-                ": choose another output folder or set 'Overwrite existing files?' to Yes")
-    data = np.ascontiguousarray(images, dtype=np.float32)
-    if per_object:
-        for name, img in zip(names, data):
-            _atomic_tiff(out / name, img, "CYX")
-    elif names:
-        _atomic_tiff(out / names[0], data, "TCYX")
-    return written
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def first_image(image_set, names: list[str]):

@@ -27,7 +27,7 @@ def resolve_device(choice: str = "auto", fallback: bool = True) -> torch.device:
             raise RuntimeError("GPU chosen but PyTorch sees no CUDA device; choose CPU or Automatic")
         log.warning("CP2Image: GPU chosen but no CUDA device is available; using the CPU")
         return torch.device("cpu")
-    if choice == "auto":
+    if choice in ("auto", "automatic"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if choice == "cpu":
         return torch.device("cpu")
@@ -48,24 +48,33 @@ class Synthesizer:
         if device.type == "cpu":
             self.generator = self.generator.to(memory_format=torch.channels_last)
 
-    @torch.inference_mode()
-    def generate(self, z: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """Images for standardized features ``z``, computed in batches (retrying smaller on CUDA OOM)."""
+    def iter_generate(self, z: np.ndarray, batch_size: int = 64):
+        """Yield (first index, images) batch by batch; a CUDA out-of-memory batch is retried at half size."""
         z = np.asarray(z, dtype=np.float32).reshape(-1, self.spec.n_features)
-        s, c = self.spec.crop_size, self.spec.n_channels
-        out = np.empty((len(z), c, s, s), dtype=np.float32)
         start, bs = 0, max(1, int(batch_size))
         while start < len(z):
             try:
-                batch = torch.from_numpy(z[start:start + bs]).to(self.device)
-                out[start:start + len(batch)] = self.generator(batch).float().cpu().numpy()
-                start += len(batch)
+                with torch.inference_mode():
+                    batch = torch.from_numpy(z[start:start + bs]).to(self.device)
+                    images = self.generator(batch).float().cpu().numpy()
             except torch.cuda.OutOfMemoryError:
                 if bs == 1:
                     raise
                 bs = max(1, bs // 2)
-                torch.cuda.empty_cache()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
                 log.warning("CP2Image: CUDA out of memory; retrying with batch size %d", bs)
+                continue
+            yield start, images
+            start += len(images)
+
+    def generate(self, z: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Images (N, C, S, S) for standardized features ``z`` (N, F), computed in batches."""
+        z = np.asarray(z, dtype=np.float32).reshape(-1, self.spec.n_features)
+        s, c = self.spec.crop_size, self.spec.n_channels
+        out = np.empty((len(z), c, s, s), dtype=np.float32)
+        for start, images in self.iter_generate(z, batch_size):
+            out[start:start + len(images)] = images
         return out
 
 

@@ -67,6 +67,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--adv-weight", type=float, default=0.05, help="adversarial loss weight (adversarial loss)")
     m.add_argument("--fm-weight", type=float, default=1.0, help="feature-matching loss weight")
     m.add_argument("--adv-start", type=int, default=500, help="step at which adversarial terms switch on")
+    m.add_argument("--fm-ramp", type=int, default=2500,
+                   help="paper loss: steps over which each discriminator layer's feature matching switches on")
     m.add_argument("--ema", type=float, default=0.995, help="EMA decay of generator weights (0: off)")
     m.add_argument("--seed", type=int, default=0, help="seed for the split, initialization and batches")
     r = p.add_argument_group("run")
@@ -250,10 +252,10 @@ def train(args: argparse.Namespace) -> int:
                 d_fake, f_fake = critic(fake)
                 with torch.no_grad():
                     _, f_real = critic(x)
-                # feature matching; for the paper, layer k switches on linearly over 2500 steps after k*2500
+                # feature matching; for the paper, layer k switches on linearly over fm_ramp steps after k*fm_ramp
                 fm = 0.0
                 for k, (a, b) in enumerate(zip(f_fake, f_real)):
-                    w = (min(1.0, max(0.0, (step - args.adv_start - 2500 * k) / 2500))
+                    w = (min(1.0, max(0.0, (step - args.adv_start - args.fm_ramp * k) / args.fm_ramp))
                          if loss_kind == "paper" else 1.0)
                     fm = fm + w * (a.float().mean(0) - b.float().mean(0)).abs().mean()
                 loss_g = loss_g + args.fm_weight * fm

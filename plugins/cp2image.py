@@ -94,6 +94,7 @@ LOGGER = logging.getLogger(__name__)
 MODEL_DEFAULT = "Default model (shipped)"
 MODEL_CUSTOM = "Model file"
 DEVICE_AUTO, DEVICE_CPU, DEVICE_GPU = "Automatic", "CPU", "GPU"
+DEVICES = {DEVICE_AUTO: "auto", DEVICE_CPU: "cpu", DEVICE_GPU: "cuda"}  # setting -> cp2image_core name
 LAYOUT_STACK = "One TIFF stack per image set"
 LAYOUT_OBJECT = "One TIFF per object"
 CATEGORY = "CP2Image"
@@ -274,28 +275,25 @@ class CP2Image(Module):
     def run(self, workspace):
         support = _core()
         objects_name = self.objects_name.value
-        objects = workspace.object_set.get_objects(objects_name)
         measurements = workspace.measurements
-        synth = support.load_synthesizer(self.model_path(), self.device.value)
-        result = support.synthesize_objects(
+        synth = support.load_synthesizer(self.model_path(), DEVICES[self.device.value])
+        folder = self.directory.get_absolute_path(measurements)
+        image_number = measurements.image_set_number
+        result = support.synthesize_and_write(
             synth,
             measurements,
             objects_name,
-            objects.segmented,
+            workspace.object_set.get_objects(objects_name).segmented,
             batch_size=self.batch_size.value,
-        )
-        folder = self.directory.get_absolute_path(measurements)
-        image_number = measurements.image_set_number
-        written_name = support.write_images(
-            result.images,
-            folder,
-            f"{self.file_prefix.value}_{objects_name}_ImageSet{image_number:04d}",
+            folder=folder,
+            base=f"{self.file_prefix.value}_{objects_name}_ImageSet{image_number:04d}",
             per_object=self.file_layout == LAYOUT_OBJECT,
             overwrite=self.overwrite.value,
-            channels=synth.spec.channels,
+            want_field=self.wants_field.value,
+            keep=GALLERY_SIZE if self.show_window else 0,
         )
-        n = len(result.images)
-        measurements.add_image_measurement(f"FileName_{self.stack_name()}", written_name)
+        n = result.count
+        measurements.add_image_measurement(f"FileName_{self.stack_name()}", result.file_name)
         measurements.add_image_measurement(f"PathName_{self.stack_name()}", folder)
         measurements.add_image_measurement(f"{CATEGORY}_Count_{objects_name}", n)
         measurements.add_measurement(objects_name, f"{CATEGORY}_{F_STACK_INDEX}", np.arange(1, n + 1))
@@ -306,15 +304,14 @@ class CP2Image(Module):
                 "with the training mean", image_number, int(result.imputed.sum()),
                 int((result.imputed > 0).sum()), objects_name,
             )
-        if self.wants_field:
-            field = support.paste_into_objects(result.images, objects.segmented, result.centers)
+        if result.field is not None:
             parent = support.first_image(workspace.image_set, synth.spec.channels)
-            pixels = field[:, :, 0] if field.shape[2] == 1 else field
+            pixels = result.field[:, :, 0] if result.field.shape[2] == 1 else result.field
             workspace.image_set.add(self.field_name.value, Image(pixels, parent_image=parent))
         if self.show_window:
-            real = support.real_crops(workspace.image_set, synth.spec, result.centers[:GALLERY_SIZE])
-            workspace.display_data.real = real
-            workspace.display_data.synthetic = result.images[:GALLERY_SIZE]
+            shown = len(result.gallery)
+            workspace.display_data.real = support.real_crops(workspace.image_set, synth.spec, result.centers[:shown])
+            workspace.display_data.synthetic = result.gallery
             workspace.display_data.count = n
 
     def display(self, workspace, figure):

@@ -113,7 +113,7 @@ def test_newer_version_and_bad_fields_are_named(tmp_path):
     d = json.loads(make_spec().to_json())
     with pytest.raises(SpecError, match="newer cp2image"):
         read_spec(_with_spec_dict(tmp_path, {**d, "format_version": 99}))
-    with pytest.raises(SpecError, match="feature_std.*Cells.Intensity_MeanIntensity_DNA"):
+    with pytest.raises(SpecError, match=r"feature_std.*Cells.Intensity_MeanIntensity_DNA"):
         read_spec(_with_spec_dict(tmp_path, {**d, "feature_std": [1.0, 0.0]}))
     missing = {k: v for k, v in d.items() if k != "channels"}
     with pytest.raises(SpecError, match="channels"):

@@ -1,0 +1,1 @@
+"""Evaluation: re-measure synthesized cells with CellProfiler, pixel metrics, realism, baselines."""

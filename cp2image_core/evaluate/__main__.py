@@ -1,0 +1,252 @@
+"""Does a synthesized cell keep the biology? ``python -m cp2image_core.evaluate --help``.
+
+For the held-out images of a training set: synthesize every cell with each model, re-measure the
+synthesized crops with CellProfiler's own modules (intensity and texture inside the real object's
+mask, shape on a segmentation of the synthesized image), correlate with the input features, and
+compare with the real crops (the ceiling), the nearest training neighbour and the mean training crop.
+Writes report.md, report.json and PNG figures, and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..dataset import build_training_set
+from ..errors import CP2ImageError
+from ..features import standardize
+from ..modelfile import read_spec
+from ..synthesize import load_synthesizer_uncached
+from .metrics import FAMILIES, c2st, ks_median, pearson, pixel_metrics, r2, summarize_r
+from .remeasure import INTENSITY, SHAPE, TEXTURE, Remeasurer, segment
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def get_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m cp2image_core.evaluate", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", nargs="+", required=True, help="model files to compare (the first sets the split)")
+    p.add_argument("--export-dir", required=True, help="the ExportToSpreadsheet folder the models were trained on")
+    p.add_argument("--features-pipeline", default=str(ROOT / "pipelines" / "ExampleFly_features.cppipe"),
+                   help="pipeline whose measurement modules re-measure the crops")
+    p.add_argument("--mask-image", default="NucleiLabels",
+                   help="exported label image of the objects (Image.csv FileName_<name>); '' = segment real crops")
+    p.add_argument("--val-images", type=int, nargs="+", default=None,
+                   help="held-out ImageNumbers (default: the first model's validation images)")
+    p.add_argument("--image-root", default=None, help="read images from this folder instead of Image.csv's PathName_")
+    p.add_argument("--max-cells", type=int, default=0, help="evaluate at most this many held-out cells (0: all)")
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--traverse", default=None, help="also write a traversal strip for this feature, e.g. "
+                   "Nuclei.AreaShape_Area (values at -2..+2 standard deviations)")
+    p.add_argument("--cell", type=int, default=0, help="held-out cell index for --traverse")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = get_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        report = evaluate(args)
+    except CP2ImageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(table(report))
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = [read_spec(m) for m in args.models]
+    ref = specs[0]
+    for m, s in zip(args.models[1:], specs[1:]):
+        if (s.channels, s.crop_size, s.object_name) != (ref.channels, ref.crop_size, ref.object_name):
+            raise CP2ImageError(f"{m}: channels/crop size/objects differ from {args.models[0]}; "
+                                "models compared side by side must share them")
+    val_images = args.val_images or ref.training.get("val_images")
+    feature_objects = ref.training.get("feature_objects") or ref.object_names()
+    ts = build_training_set(args.export_dir, ref.object_name, feature_objects, ref.channels, ref.crop_size,
+                            val_images=val_images, seed=args.seed, image_root=args.image_root,
+                            mask_image=args.mask_image or None, cache=out / "evalset.npz")
+    val = ts.val_idx[: args.max_cells] if args.max_cells else ts.val_idx
+    train = ts.train_idx
+    real = ts.crops[val]
+    masks = ts.masks[val] if ts.masks is not None else segment(real)
+    index = {f: j for j, f in enumerate(ts.feature_names)}
+
+    def raw_for(spec) -> np.ndarray:
+        missing = [f"{o}.{f}" for o, f in spec.features if (o, f) not in index]
+        if missing:
+            raise CP2ImageError(f"{args.export_dir} lacks features the model needs: {', '.join(missing[:5])}")
+        return ts.features[:, [index[f] for f in spec.features]]
+
+    # the methods: real crops (ceiling), each model, nearest neighbour, mean training crop
+    z_ref, _ = standardize(raw_for(ref), ref)
+    d = ((z_ref[val, None, :] - z_ref[None, train, :]) ** 2).sum(-1)
+    methods: dict[str, np.ndarray] = {"real crops (ceiling)": real}
+    timings = {}
+    for path, spec in zip(args.models, specs):
+        synth = load_synthesizer_uncached(path, "auto")
+        z, _ = standardize(raw_for(spec), spec)
+        t0 = time.time()
+        methods[Path(path).stem + f" [{spec.arch}]"] = synth.generate(z[val], batch_size=64)
+        timings[Path(path).stem] = time.time() - t0
+    methods["nearest neighbour"] = ts.crops[train[d.argmin(1)]]
+    methods["mean training crop"] = np.repeat(ts.crops[train].mean(0, keepdims=True), len(val), 0)
+
+    remeasurer = Remeasurer(args.features_pipeline, ref.object_name, ref.channels)
+    inputs = {f: ts.features[val, j] for (o, f), j in index.items() if o == ref.object_name}
+    results, remeasured = {}, {}
+    for name, crops in methods.items():
+        shape = remeasurer.measure(crops, segment(crops), (SHAPE,))
+        inside = remeasurer.measure(crops, masks, (INTENSITY, TEXTURE))
+        feats = {**{f: v for f, v in shape.items() if f.startswith("AreaShape_")},
+                 **{f: v for f, v in inside.items() if f.startswith(("Intensity_", "Texture_"))}}
+        remeasured[name] = feats
+        rs = {f: pearson(inputs[f], v) for f, v in feats.items() if f in inputs}
+        r2s = {f: r2(inputs[f], v) for f, v in feats.items() if f in inputs}
+        results[name] = {"features": summarize_r(rs), "r": rs, "r2_median": float(np.nanmedian(list(r2s.values()))),
+                         "pixels": pixel_metrics(real, crops)}
+    for name, crops in methods.items():
+        results[name]["c2st"] = c2st(real, crops, seed=args.seed) if name != "real crops (ceiling)" else 0.5
+        results[name]["ks_median"] = ks_median(remeasured["real crops (ceiling)"], remeasured[name])
+    report = {"n_val_cells": len(val), "val_images": sorted(set(ts.image_number[val].tolist())),
+              "n_train_cells": len(train), "models": args.models, "mask": args.mask_image or "segmented",
+              "results": {k: {kk: vv for kk, vv in v.items() if kk != "r"} for k, v in results.items()},
+              "generate_seconds": timings}
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=float))
+    figures(out, methods, inputs, remeasured, results)
+    if args.traverse:
+        traverse(out, args.models[0], ts, val[args.cell], args.traverse)
+    (out / "report.md").write_text(markdown(report))
+    return report
+
+
+def table(report: dict) -> str:
+    head = ("| method | AreaShape r | Intensity r | Texture r | all r | r≥0.5 | r≥0.8 | R² | MSE | PSNR | SSIM "
+            "| C2ST acc | KS |")
+    lines = [head, "|" + "---|" * 13]
+    for name, r in report["results"].items():
+        f, p = r["features"], r["pixels"]
+        lines.append(f"| {name} | " + " | ".join(f"{f[fam]['median_r']:.2f}" for fam in FAMILIES)
+                     + f" | {f['all']['median_r']:.2f} | {f['all']['frac_ge_0.5']:.2f} | {f['all']['frac_ge_0.8']:.2f}"
+                     + f" | {r['r2_median']:.2f} | {p['mse']:.5f} | {p['psnr']:.1f} | {p['ssim']:.3f}"
+                     + f" | {r['c2st']:.2f} | {r['ks_median']:.2f} |")
+    return "\n".join(lines)
+
+
+def markdown(report: dict) -> str:
+    worst = "\n".join(f"- **{name}**: " + ", ".join(f"{f} ({r})" for f, r in res["features"]["worst"])
+                      for name, res in report["results"].items())
+    return f"""# cp2image evaluation
+
+Held-out images {report['val_images']}: {report['n_val_cells']} cells ({report['n_train_cells']} training cells).
+Features of the input objects, re-measured by CellProfiler's MeasureObjectSizeShape (on an Otsu segmentation
+of each crop's first channel), MeasureObjectIntensity and MeasureTexture (inside the real object's mask:
+{report['mask']}); median Pearson r with the input features per family, fraction of features with r ≥ 0.5 / 0.8,
+median R². Pixel metrics against the real crop (data range 1). C2ST: held-out accuracy of a small CNN telling
+real from synthesized crops (0.5 = indistinguishable). KS: median Kolmogorov–Smirnov statistic between the
+re-measured features of real and synthesized crops.
+
+{table(report)}
+
+Worst features (r):
+{worst}
+
+Figures: `grid.png` (held-out cells, one row per method), `scatter.png` (input vs re-measured),
+`r_hist.png` (per-feature r).
+"""
+
+
+def figures(out: Path, methods, inputs, remeasured, results) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..viz import to_rgb
+
+    names = list(methods)
+    real = methods[names[0]]
+    n = min(8, len(real))
+    fig, ax = plt.subplots(len(names), n, figsize=(1.5 * n, 1.6 * len(names)), squeeze=False)
+    for r, name in enumerate(names):
+        for i in range(n):
+            ax[r, i].imshow(to_rgb(methods[name][i], ref=real[i]))
+            ax[r, i].set_axis_off()
+        ax[r, 0].set_title(name, fontsize=7, loc="left")
+    fig.tight_layout()
+    fig.savefig(out / "grid.png", dpi=100)
+    plt.close(fig)
+
+    keys = [k for k in ("AreaShape_Area", "Intensity_MeanIntensity_DNA") if k in inputs]
+    keys += [k for k in inputs if k.startswith("Texture_Contrast_DNA")][:1]
+    fig, ax = plt.subplots(len(keys), len(names), figsize=(2.2 * len(names), 2.2 * len(keys)), squeeze=False)
+    for r, k in enumerate(keys):
+        for c, name in enumerate(names):
+            y = remeasured[name].get(k)
+            if y is not None:
+                ax[r, c].scatter(inputs[k], y, s=3)
+                ax[r, c].set_title(f"{name[:18]}\nr={pearson(inputs[k], y):.2f}", fontsize=6)
+            ax[r, c].set_xlabel(f"input {k}", fontsize=5)
+            ax[r, c].tick_params(labelsize=5)
+    fig.tight_layout()
+    fig.savefig(out / "scatter.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for name in names:
+        v = [x for x in results[name]["r"].values() if np.isfinite(x)]
+        ax.hist(v, bins=30, range=(-0.5, 1), histtype="step", label=name)
+    ax.set_xlabel("Pearson r, input vs re-measured feature")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "r_hist.png", dpi=100)
+    plt.close(fig)
+
+
+def traverse(out: Path, model: str, ts, cell: int, feature: str, steps=(-2, -1, 0, 1, 2)) -> Path:
+    """PNG strip: the cell's image with one standardized feature set to each of ``steps``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..viz import to_rgb
+
+    synth = load_synthesizer_uncached(model, "auto")
+    spec = synth.spec
+    obj, _, feat = feature.rpartition(".")
+    key = (obj or spec.object_name, feat)
+    if key not in spec.features:
+        raise CP2ImageError(f"--traverse {feature}: not a feature of {model} (e.g. {spec.features[0][0]}."
+                            f"{spec.features[0][1]})")
+    j = spec.features.index(key)
+    index = {f: i for i, f in enumerate(ts.feature_names)}
+    z, _ = standardize(ts.features[cell:cell + 1, [index[f] for f in spec.features]], spec)
+    zs = np.repeat(z, len(steps), 0)
+    zs[:, j] = steps
+    imgs = synth.generate(zs)
+    fig, ax = plt.subplots(1, len(steps), figsize=(1.8 * len(steps), 2.1))
+    for i, s in enumerate(steps):
+        ax[i].imshow(to_rgb(imgs[i], ref=imgs[len(steps) // 2]))
+        ax[i].set_title(f"{s:+d} SD", fontsize=8)
+        ax[i].set_axis_off()
+    fig.suptitle(f"{key[0]}.{key[1]}", fontsize=8)
+    fig.tight_layout()
+    path = out / f"traverse_{key[0]}.{key[1]}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())

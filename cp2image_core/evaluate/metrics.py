@@ -1,0 +1,110 @@
+"""Metrics whose meaning a user can check: feature correlation, pixel fidelity, two-sample tests."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+FAMILIES = ("AreaShape", "Intensity", "Texture")
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson r over the pairs where both are finite; NaN when either side is constant."""
+    ok = np.isfinite(a) & np.isfinite(b)
+    if ok.sum() < 3:
+        return float("nan")
+    a, b = a[ok] - a[ok].mean(), b[ok] - b[ok].mean()
+    den = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / den) if den > 0 else float("nan")
+
+
+def r2(target: np.ndarray, pred: np.ndarray) -> float:
+    """Coefficient of determination of ``pred`` as a predictor of ``target`` (1 is perfect, can be < 0)."""
+    ok = np.isfinite(target) & np.isfinite(pred)
+    if ok.sum() < 3:
+        return float("nan")
+    t, p = target[ok], pred[ok]
+    ss = ((t - t.mean()) ** 2).sum()
+    return float(1 - ((t - p) ** 2).sum() / ss) if ss > 0 else float("nan")
+
+
+def family(feature: str) -> str:
+    return feature.split("_", 1)[0]
+
+
+def summarize_r(rs: dict[str, float]) -> dict:
+    """Median r, fractions >= 0.5 and >= 0.8 overall and per family, and the 10 worst features."""
+    def stats(vals):
+        v = np.array([x for x in vals if np.isfinite(x)])
+        if v.size == 0:
+            return {"median_r": float("nan"), "frac_ge_0.5": float("nan"), "frac_ge_0.8": float("nan"), "n": 0}
+        return {"median_r": float(np.median(v)), "frac_ge_0.5": float((v >= 0.5).mean()),
+                "frac_ge_0.8": float((v >= 0.8).mean()), "n": int(v.size)}
+
+    out = {"all": stats(rs.values())}
+    for fam in FAMILIES:
+        out[fam] = stats([r for f, r in rs.items() if family(f) == fam])
+    finite = sorted(((r, f) for f, r in rs.items() if np.isfinite(r)))
+    out["worst"] = [(f, round(r, 3)) for r, f in finite[:10]]
+    return out
+
+
+def pixel_metrics(real: np.ndarray, fake: np.ndarray) -> dict[str, float]:
+    """Mean MSE, PSNR (dB, data range 1 = CellProfiler's intensity scale) and SSIM over cells."""
+    import inspect
+
+    from skimage.metrics import structural_similarity
+
+    kw = ({"channel_axis": -1} if "channel_axis" in inspect.signature(structural_similarity).parameters
+          else {"multichannel": True})  # scikit-image < 0.19
+    mse = ((real - fake) ** 2).reshape(len(real), -1).mean(1)
+    psnr = 10 * np.log10(1.0 / np.maximum(mse, 1e-12))
+    ssim = []
+    for a, b in zip(real, fake):
+        a, b = np.moveaxis(a, 0, -1), np.moveaxis(b, 0, -1)
+        ssim.append(structural_similarity(a, b, data_range=1.0, **kw))
+    return {"mse": float(mse.mean()), "psnr": float(psnr.mean()), "ssim": float(np.mean(ssim))}
+
+
+def ks_median(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    """Median over shared features of the two-sample Kolmogorov–Smirnov statistic (0 = same distribution)."""
+    from scipy.stats import ks_2samp
+
+    stats = []
+    for f in sorted(set(a) & set(b)):
+        x, y = a[f][np.isfinite(a[f])], b[f][np.isfinite(b[f])]
+        if len(x) > 2 and len(y) > 2:
+            stats.append(ks_2samp(x, y).statistic)
+    return float(np.median(stats)) if stats else float("nan")
+
+
+def c2st(real: np.ndarray, fake: np.ndarray, seed: int = 0, steps: int = 300) -> float:
+    """Classifier two-sample test: held-out accuracy of a small CNN telling real from synthesized crops.
+
+    Half of each set trains it, the other half tests it; 0.5 means indistinguishable.
+    """
+    g = torch.Generator().manual_seed(seed)
+    n = min(len(real), len(fake))
+    x = torch.from_numpy(np.concatenate([real[:n], fake[:n]])).float()
+    y = torch.cat([torch.ones(n), torch.zeros(n)])
+    perm = torch.randperm(2 * n, generator=g)
+    x, y = x[perm], y[perm]
+    half = n
+    c = x.shape[1]
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(c, 16, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 1),
+    )
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    for _ in range(steps):
+        idx = torch.randint(0, half, (64,), generator=g)
+        loss = nn.functional.binary_cross_entropy_with_logits(net(x[idx]).squeeze(1), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        pred = net(x[half:]).squeeze(1) > 0
+    return float((pred.float() == y[half:]).float().mean())

@@ -1,0 +1,118 @@
+"""Re-measure crops with CellProfiler's own measurement modules, in-process, many crops per call.
+
+Crops are tiled into one mosaic (crop i labelled i + 1) and the MeasureObjectSizeShape,
+MeasureObjectIntensity and MeasureTexture modules of the features pipeline run on it once, configured
+exactly as in that pipeline (same images, texture scale and gray levels), restricted to one object set.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+SHAPE, INTENSITY, TEXTURE = "MeasureObjectSizeShape", "MeasureObjectIntensity", "MeasureTexture"
+
+
+def _cp():
+    import cellprofiler_core.preferences as prefs
+
+    prefs.set_headless()
+    from cellprofiler_core.image import Image, ImageSetList
+    from cellprofiler_core.measurement import Measurements
+    from cellprofiler_core.object import Objects, ObjectSet
+    from cellprofiler_core.pipeline import Pipeline
+    from cellprofiler_core.workspace import Workspace
+
+    return Image, ImageSetList, Measurements, Objects, ObjectSet, Pipeline, Workspace
+
+
+def tile(crops: np.ndarray, masks: np.ndarray, gap: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Mosaic (C, H, W) of the crops with ``gap`` zero pixels between tiles, and labels (H, W): crop i -> i + 1."""
+    n, c, s, _ = crops.shape
+    cols = max(1, math.ceil(math.sqrt(n)))
+    rows = max(1, math.ceil(n / cols))
+    step = s + gap
+    mosaic = np.zeros((c, rows * step, cols * step), np.float32)
+    labels = np.zeros((rows * step, cols * step), np.int32)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        mosaic[:, r * step:r * step + s, q * step:q * step + s] = crops[i]
+        labels[r * step:r * step + s, q * step:q * step + s][masks[i]] = i + 1
+    return mosaic, labels
+
+
+class Remeasurer:
+    """The features pipeline's measurement modules, applied to crops of one object set."""
+
+    def __init__(self, features_pipeline: str | Path, object_name: str, channels: list[str]) -> None:
+        *_, Pipeline, _ = _cp()
+        self.object_name, self.channels = object_name, channels
+        pipeline = Pipeline()
+        pipeline.load(str(features_pipeline))
+        self.modules = {}
+        for m in pipeline.modules():
+            if m.module_name in (SHAPE, INTENSITY, TEXTURE) and m.module_name not in self.modules:
+                m.objects_list.value = object_name
+                if m.module_name == SHAPE:
+                    m.calculate_zernikes.value = False
+                self.modules[m.module_name] = m
+        missing = {SHAPE, INTENSITY, TEXTURE} - set(self.modules)
+        if missing:
+            raise ValueError(f"{features_pipeline} lacks {', '.join(sorted(missing))}")
+
+    def measure(self, crops: np.ndarray, masks: np.ndarray, modules: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """Feature name -> (N,) values of each crop's masked object (NaN where a mask is empty)."""
+        Image, ImageSetList, Measurements, Objects, ObjectSet, Pipeline, Workspace = _cp()
+        n = len(crops)
+        mosaic, labels = tile(crops, masks)
+        image_set_list = ImageSetList()
+        image_set = image_set_list.get_image_set(0)
+        for c, name in enumerate(self.channels):
+            image_set.add(name, Image(mosaic[c]))
+        object_set = ObjectSet()
+        objects = Objects()
+        objects.segmented = labels
+        object_set.add_objects(objects, self.object_name)
+        measurements = Measurements()
+        pipeline = Pipeline()
+        for name in modules:
+            module = self.modules[name]
+            module.run(Workspace(pipeline, module, image_set, object_set, measurements, image_set_list))
+        out = {}
+        present = np.zeros(n, bool)
+        present[np.unique(labels[labels > 0]) - 1] = True
+        for feat in measurements.get_feature_names(self.object_name):
+            v = np.asarray(measurements.get_current_measurement(self.object_name, feat), dtype=np.float64)
+            full = np.full(n, np.nan)
+            full[:min(n, len(v))] = v[:n]
+            full[~present] = np.nan
+            out[feat] = full
+        return out
+
+
+def segment(crops: np.ndarray, channel: int = 0, sigma: float = 1.0) -> np.ndarray:
+    """(N, S, S) masks: the Otsu-thresholded component at each crop's centre in ``channel``.
+
+    Shape features of a synthesized cell must come from its image, so they are measured on this
+    segmentation (the same procedure applied to the real crops gives the ceiling).
+    """
+    from scipy import ndimage
+    from skimage.filters import gaussian, threshold_otsu
+
+    n, _, s, _ = crops.shape
+    masks = np.zeros((n, s, s), bool)
+    c = s // 2
+    for i in range(n):  # per crop: each has its own threshold
+        img = gaussian(crops[i, channel], sigma=sigma)
+        if img.max() <= img.min():
+            continue
+        fg = ndimage.binary_fill_holes(img > threshold_otsu(img))
+        lab, k = ndimage.label(fg)
+        if k == 0:
+            continue
+        centre = lab[c - 2:c + 3, c - 2:c + 3]
+        ids = centre[centre > 0]
+        pick = np.bincount(ids).argmax() if ids.size else np.bincount(lab[lab > 0]).argmax()
+        masks[i] = lab == pick
+    return masks

@@ -1,0 +1,45 @@
+"""End to end: the demo pipeline headless in CellProfiler with the plugins folder and the shipped model."""
+from __future__ import annotations
+
+import numpy as np
+import tifffile
+from conftest import ROOT, SHIPPED, copy_fields, run_cellprofiler
+
+from cp2image_core.dataset import _numeric, _read_csv
+from cp2image_core.modelfile import read_spec
+
+
+def test_demo_pipeline_on_a_real_field(tmp_path):
+    assert SHIPPED.exists(), f"the shipped default model {SHIPPED} is missing"
+    spec = read_spec(SHIPPED)
+    images = copy_fields(tmp_path / "images", ["01_POS002"])
+    out = tmp_path / "out"
+    proc = run_cellprofiler(ROOT / "pipelines" / "ExampleFly_CP2Image.cppipe", images, out)
+    assert "module CP2Image" in proc.stdout + proc.stderr  # CellProfiler timed our module
+    ih, irows = _read_csv(out / "Image.csv")
+    count = int(_numeric(out / "Image.csv", ih, irows, "CP2Image_Count_Nuclei")[0])
+    n_nuclei = int(_numeric(out / "Image.csv", ih, irows, "Count_Nuclei")[0])
+    assert count == n_nuclei > 200
+    name = irows[0][ih.index("FileName_CP2Image_Nuclei")]
+    assert name == "CP2Image_Nuclei_ImageSet0001.tiff"
+    stack = tifffile.imread(str(out / name))
+    assert stack.shape == (count, spec.n_channels, spec.crop_size, spec.crop_size)
+    assert 0 <= stack.min() and stack.max() <= 1 and stack.std() > 0
+    oh, orows = _read_csv(out / "Nuclei.csv")
+    idx = _numeric(out / "Nuclei.csv", oh, orows, "CP2Image_StackIndex")
+    assert idx.tolist() == list(range(1, count + 1))
+    assert np.all(_numeric(out / "Nuclei.csv", oh, orows, "CP2Image_ImputedFeatures") >= 0)
+
+
+def test_headless_run_stops_before_any_image_set_when_a_feature_is_missing(tmp_path):
+    text = (ROOT / "pipelines" / "ExampleFly_CP2Image.cppipe").read_text()
+    blocks = text.split("\n\n")
+    kept = [b for b in blocks if not b.startswith("MeasureTexture:")]
+    bad = tmp_path / "no_texture.cppipe"
+    bad.write_text("\n\n".join(kept).replace("ModuleCount:12", "ModuleCount:11"))
+    images = copy_fields(tmp_path / "images", ["01_POS002"])
+    proc = run_cellprofiler(bad, images, tmp_path / "out", check=False)
+    log = proc.stdout + proc.stderr
+    assert "MeasureTexture on Nuclei" in log and "Texture_" in log
+    assert "module IdentifyPrimaryObjects" not in log  # no image set ran
+    assert not list((tmp_path / "out").glob("*.tiff")) if (tmp_path / "out").exists() else True

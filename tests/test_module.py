@@ -1,0 +1,185 @@
+"""The CP2Image module in-process with real cellprofiler_core objects (pipeline, workspace, measurements)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from cp2image_core.dataset import _numeric, _read_csv
+from cp2image_core.features import standardize
+from cp2image_core.modelfile import read_spec
+from cp2image_core.synthesize import load_synthesizer
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "plugins"))
+
+import cellprofiler_core.preferences  # noqa: E402
+
+cellprofiler_core.preferences.set_headless()
+
+from cellprofiler_core.image import Image, ImageSetList  # noqa: E402
+from cellprofiler_core.measurement import Measurements  # noqa: E402
+from cellprofiler_core.object import Objects, ObjectSet  # noqa: E402
+from cellprofiler_core.pipeline import Pipeline  # noqa: E402
+from cellprofiler_core.preferences import ABSOLUTE_FOLDER_NAME  # noqa: E402
+from cellprofiler_core.setting import ValidationError  # noqa: E402
+from cellprofiler_core.workspace import Workspace  # noqa: E402
+from cp2image import LAYOUT_OBJECT, MODEL_CUSTOM, CP2Image  # noqa: E402
+
+
+def real_feature_rows(export: Path, spec, rows: list[int]) -> np.ndarray:
+    """Raw features of the given rows of the export, in spec order (real CellProfiler measurements)."""
+    out = np.zeros((len(rows), spec.n_features))
+    tables = {}
+    for j, (obj, feat) in enumerate(spec.features):
+        if obj not in tables:
+            tables[obj] = _read_csv(export / f"{obj}.csv")
+        h, body = tables[obj]
+        out[:, j] = _numeric(export / f"{obj}.csv", h, body, feat)[rows]
+    return out
+
+
+def make_workspace(model: Path, out: Path, raw: np.ndarray, spec, labels: np.ndarray, centers: np.ndarray,
+                   **settings):
+    module = CP2Image()
+    module.set_module_num(1)
+    module.objects_name.value = "Nuclei"
+    module.model_choice.value = MODEL_CUSTOM
+    module.model_file.value = str(model)
+    module.device.value = "CPU"
+    module.batch_size.value = 2  # smaller than the object count: several batches
+    module.directory.value = f"{ABSOLUTE_FOLDER_NAME}|{out}"
+    for k, v in settings.items():
+        getattr(module, k).value = v
+    pipeline = Pipeline()
+    pipeline.add_module(module)
+    image_set_list = ImageSetList()
+    image_set = image_set_list.get_image_set(0)
+    rng = np.random.default_rng(0)
+    for ch in spec.channels:
+        image_set.add(ch, Image(rng.random(labels.shape).astype(np.float32) * 0.2))
+    object_set = ObjectSet()
+    objects = Objects()
+    objects.segmented = labels
+    object_set.add_objects(objects, "Nuclei")
+    m = Measurements()
+    m.add_measurement("Nuclei", "Location_Center_X", centers[:, 0])
+    m.add_measurement("Nuclei", "Location_Center_Y", centers[:, 1])
+    for j, (obj, feat) in enumerate(spec.features):
+        m.add_measurement(obj, feat, raw[:, j])
+    ws = Workspace(pipeline, module, image_set, object_set, m, image_set_list)
+    return module, ws
+
+
+def three_objects():
+    labels = np.zeros((120, 150), np.int32)
+    yy, xx = np.mgrid[:120, :150]
+    centers = np.array([[30.0, 30.0], [100.0, 60.0], [140.0, 110.0]])  # the last touches the border
+    for k, (x, y) in enumerate(centers, start=1):
+        labels[(xx - x) ** 2 + (yy - y) ** 2 <= 12 ** 2] = k
+    return labels, centers
+
+
+def test_module_writes_stack_measurements_and_field(tiny_model, fly_export, tmp_path):
+    spec = read_spec(tiny_model)
+    raw = real_feature_rows(fly_export, spec, [0, 1, 2])
+    raw[1, 5] = np.nan  # CellProfiler emits NaN for some objects: imputed and counted
+    labels, centers = three_objects()
+    module, ws = make_workspace(tiny_model, tmp_path, raw, spec, labels, centers, wants_field=True)
+    module.show_window = True
+    module.run(ws)
+    m = ws.measurements
+    name = m.get_current_image_measurement("FileName_CP2Image_Nuclei")
+    assert name == "CP2Image_Nuclei_ImageSet0001.tiff"
+    assert m.get_current_image_measurement("PathName_CP2Image_Nuclei") == str(tmp_path)
+    assert m.get_current_image_measurement("CP2Image_Count_Nuclei") == 3
+    assert list(m.get_current_measurement("Nuclei", "CP2Image_StackIndex")) == [1, 2, 3]
+    assert list(m.get_current_measurement("Nuclei", "CP2Image_ImputedFeatures")) == [0, 1, 0]
+    stack = tifffile.imread(str(tmp_path / name))
+    assert stack.shape == (3, spec.n_channels, spec.crop_size, spec.crop_size)
+    # pages are in object-number order: page k is object k synthesized on its own
+    synth = load_synthesizer(tiny_model, "cpu")
+    for k in range(3):
+        z, _ = standardize(raw[k:k + 1], spec)
+        assert np.allclose(stack[k], synth.generate(z)[0], atol=1e-5)
+    field = ws.image_set.get_image("SyntheticField").pixel_data
+    assert field.shape == (*labels.shape, spec.n_channels)
+    assert np.all(field[labels == 0] == 0)
+    assert np.allclose(field[30, 30], stack[0][:, spec.crop_size // 2, spec.crop_size // 2])
+    # display data for the GUI gallery: real crops of the channel images and their synthesized images
+    assert ws.display_data.real.shape == ws.display_data.synthetic.shape == stack.shape
+    assert np.allclose(ws.display_data.synthetic, stack, atol=1e-6)
+    cols = module.get_measurement_columns(None)
+    assert ("Nuclei", "CP2Image_StackIndex", "integer") in cols
+    assert module.get_measurements(None, "Nuclei", "CP2Image") == ["StackIndex", "ImputedFeatures"]
+
+
+def test_module_per_object_files_and_no_silent_overwrite(tiny_model, fly_export, tmp_path):
+    spec = read_spec(tiny_model)
+    raw = real_feature_rows(fly_export, spec, [3, 4, 5])
+    labels, centers = three_objects()
+    module, ws = make_workspace(tiny_model, tmp_path, raw, spec, labels, centers, file_layout=LAYOUT_OBJECT)
+    module.run(ws)
+    files = sorted(p.name for p in tmp_path.glob("*.tiff"))
+    assert files == [f"CP2Image_Nuclei_ImageSet0001_Object000{k}.tiff" for k in (1, 2, 3)]
+    before = (tmp_path / files[0]).read_bytes()
+    module2, ws2 = make_workspace(tiny_model, tmp_path, raw[::-1].copy(), spec, labels, centers,
+                                  file_layout=LAYOUT_OBJECT)
+    with pytest.raises(Exception, match="will not overwrite"):
+        module2.run(ws2)
+    assert (tmp_path / files[0]).read_bytes() == before
+
+
+def test_module_zero_objects(tiny_model, tmp_path):
+    spec = read_spec(tiny_model)
+    labels = np.zeros((50, 50), np.int32)
+    module, ws = make_workspace(tiny_model, tmp_path, np.zeros((0, spec.n_features)), spec, labels,
+                                np.zeros((0, 2)), wants_field=True)
+    module.run(ws)
+    assert ws.measurements.get_current_image_measurement("CP2Image_Count_Nuclei") == 0
+    assert ws.measurements.get_current_image_measurement("FileName_CP2Image_Nuclei") == ""
+    assert not list(tmp_path.glob("*.tiff"))
+    assert np.all(ws.image_set.get_image("SyntheticField").pixel_data == 0)
+
+
+def test_validation_names_missing_features_and_their_module(tiny_model, tmp_path):
+    pipeline = Pipeline()
+    pipeline.load(str(ROOT / "pipelines" / "ExampleFly_features.cppipe"))
+    texture = next(m for m in pipeline.modules() if m.module_name == "MeasureTexture")
+    pipeline.remove_module(texture.module_num)
+    module = CP2Image()
+    module.model_choice.value = MODEL_CUSTOM
+    module.model_file.value = str(tiny_model)
+    module.set_module_num(len(pipeline.modules()) + 1)
+    pipeline.add_module(module)
+    with pytest.raises(ValidationError, match=r"MeasureTexture on Nuclei: Texture_\w+_DNA"):
+        module.test_valid(pipeline)
+
+
+def test_validation_of_a_bad_model_file(tmp_path, tiny_model):
+    bad = tmp_path / "cut.safetensors"
+    bad.write_bytes(tiny_model.read_bytes()[:1000])
+    module = CP2Image()
+    module.model_choice.value = MODEL_CUSTOM
+    module.model_file.value = str(bad)
+    pipeline = Pipeline()
+    module.set_module_num(1)
+    pipeline.add_module(module)
+    with pytest.raises(ValidationError, match="truncated") as e:
+        module.validate_module(pipeline)
+    assert e.value.get_setting() is module.model_file
+
+
+def test_settings_visibility_and_revision():
+    module = CP2Image()
+    assert module.model_file not in module.visible_settings()
+    module.model_choice.value = MODEL_CUSTOM
+    assert module.model_file in module.visible_settings()
+    assert module.field_name not in module.visible_settings()
+    module.wants_field.value = True
+    assert module.field_name in module.visible_settings()
+    values = [s.value_text for s in module.settings()]
+    assert module.upgrade_settings(values, 1, "CP2Image") == (values, 1)

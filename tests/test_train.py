@@ -1,0 +1,135 @@
+"""Training set from a real headless CellProfiler export, the training entry point, resume, DDP."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import CHANNELS, ROOT, examplefly_dir
+
+from cp2image_core.dataset import _numeric, _read_csv, build_training_set, load_image
+from cp2image_core.errors import DataError
+from cp2image_core.modelfile import load_model
+from cp2image_core.synthesize import load_synthesizer_uncached
+from cp2image_core.train import main as train_main
+
+ARGS = ["--feature-objects", "Nuclei", "Cells", "Cytoplasm", "--channels", *CHANNELS, "--val-images", "1"]
+
+
+def test_training_set_from_real_export(fly_export, tmp_path):
+    ts = build_training_set(fly_export, "Nuclei", ["Nuclei", "Cells", "Cytoplasm"], CHANNELS, 48,
+                            val_images=[1], cache=tmp_path / "c.npz")
+    n = len(_read_csv(fly_export / "Nuclei.csv")[1])
+    assert ts.crops.shape == (n, 3, 48, 48)
+    objs = {o for o, _ in ts.feature_names}
+    assert objs == {"Nuclei", "Cells", "Cytoplasm"}
+    feats = {f for _, f in ts.feature_names}
+    assert "AreaShape_Area" in feats and "Intensity_MeanIntensity_FITC" in feats
+    assert not any(f.startswith(("Location_", "Number_", "Parent_", "Children_", "AreaShape_Center"))
+                   for f in feats)
+    assert "Nuclei.AreaShape_EulerNumber" in ts.dropped["constant"]
+    # crops are centred: the centre pixel is the source image's pixel at the rounded centre
+    ih, irows = _read_csv(fly_export / "Image.csv")
+    oh, orows = _read_csv(fly_export / "Nuclei.csv")
+    dna = load_image(examplefly_dir() / irows[0][ih.index("FileName_DNA")])
+    x = _numeric(fly_export / "Nuclei.csv", oh, orows, "Location_Center_X")
+    y = _numeric(fly_export / "Nuclei.csv", oh, orows, "Location_Center_Y")
+    for i in (0, 10, 50):
+        assert ts.crops[i, 0, 24, 24] == dna[round(y[i]), round(x[i])]
+    # the split is by image: validation cells all come from image 1, training cells from the others
+    assert set(ts.image_number[ts.is_val]) == {1} and 1 not in set(ts.image_number[~ts.is_val])
+    # intensities as CellProfiler measured them: a nucleus's max DNA intensity is within its crop
+    maxi = _numeric(fly_export / "Nuclei.csv", oh, orows, "Intensity_MaxIntensity_DNA")
+    assert np.all(ts.crops[:, 0].reshape(n, -1).max(1) >= maxi - 1e-6)
+    # the cache returns the same set without re-reading images
+    again = build_training_set(fly_export, "Nuclei", ["Nuclei", "Cells", "Cytoplasm"], CHANNELS, 48,
+                               val_images=[1], cache=tmp_path / "c.npz")
+    assert np.array_equal(again.crops, ts.crops) and again.feature_names == ts.feature_names
+
+
+def test_trained_model_loss_falls_and_inference_is_batch_independent(tiny_model):
+    history = json.loads((Path(f"{tiny_model}.run") / "history.json").read_text())
+    assert history[-1]["val_l1"] < history[0]["val_l1"]
+    synth = load_synthesizer_uncached(tiny_model, "cpu")
+    z = np.random.default_rng(0).standard_normal((7, synth.spec.n_features)).astype(np.float32)
+    a = synth.generate(z, batch_size=7)
+    b = np.concatenate([synth.generate(z[i:i + 1], batch_size=1) for i in range(7)])
+    c = synth.generate(z, batch_size=3)
+    assert np.allclose(a, b, atol=1e-5) and np.allclose(a, c, atol=1e-5)
+    assert np.array_equal(synth.generate(z), synth.generate(z))
+
+
+@pytest.mark.parametrize("arch", ["cp2image-paper"])
+def test_paper_architecture_trains_with_its_losses(fly_export, tmp_path, arch):
+    out = tmp_path / "paper.safetensors"
+    assert train_main(["--export-dir", str(fly_export), *ARGS, "--arch", arch, "--crop-size", "48",
+                       "--steps", "6", "--batch-size", "8", "--adv-start", "2", "--val-every", "3",
+                       "--out", str(out)]) == 0
+    spec, _ = load_model(out)
+    assert spec.arch == arch and spec.training["loss"] == "paper"
+
+
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(fly_export, tmp_path):
+    common = ["--export-dir", str(fly_export), *ARGS, "--crop-size", "32", "--batch-size", "8",
+              "--val-every", "4", "--adv-start", "2"]
+    straight = tmp_path / "a.safetensors"
+    assert train_main([*common, "--steps", "8", "--out", str(straight)]) == 0
+    part = tmp_path / "b.safetensors"
+    assert train_main([*common, "--steps", "4", "--out", str(part)]) == 0
+    assert train_main([*common, "--steps", "8", "--out", str(part), "--resume"]) == 0
+    _, wa = load_model(straight)
+    _, wb = load_model(part)
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_torchrun_two_cpu_processes(fly_export, tmp_path):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    out = tmp_path / "ddp.safetensors"
+    cmd = [str(torchrun), "--nproc_per_node=2", "--master_port=29517", "-m", "cp2image_core.train",
+           "--export-dir", str(fly_export), *ARGS, "--crop-size", "32", "--steps", "4", "--batch-size", "4",
+           "--val-every", "2", "--device", "cpu", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    spec, _ = load_model(out)
+    assert spec.training["batch_size"] == 8  # 2 processes x 4
+
+
+def test_bad_inputs_name_the_file_and_column(fly_export, tmp_path):
+    d = tmp_path / "export"
+    shutil.copytree(fly_export, d)
+    with pytest.raises(DataError, match=r"channel 'GFP' is not an image of this export.*DNA"):
+        build_training_set(d, "Nuclei", ["Nuclei"], ["GFP"], 32, val_images=[1])
+    h, rows = _read_csv(d / "Nuclei.csv")
+    j = h.index("Location_Center_X")
+    lines = [",".join(c for i, c in enumerate(r) if i != j) for r in [h, *rows]]
+    (d / "Nuclei.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"Nuclei.csv has no column 'Location_Center_X'"):
+        build_training_set(d, "Nuclei", ["Nuclei"], CHANNELS, 32, val_images=[1])
+    shutil.copy(fly_export / "Nuclei.csv", d / "Nuclei.csv")
+    empty = tmp_path / "img"
+    empty.mkdir()
+    with pytest.raises(DataError, match=r"Image file .*01_POS002_D.TIF not found.*--image-root"):
+        build_training_set(d, "Nuclei", ["Nuclei"], CHANNELS, 32, val_images=[1], image_root=empty)
+    (empty / "01_POS002_D.TIF").write_bytes(b"not a tiff")
+    with pytest.raises(DataError, match=r"01_POS002_D.TIF could not be read"):
+        build_training_set(d, "Nuclei", ["Nuclei"], CHANNELS, 32, val_images=[1], image_root=empty)
+    (d / "Image.csv").unlink()
+    with pytest.raises(DataError, match=r"Image.csv not found"):
+        build_training_set(d, "Nuclei", ["Nuclei"], CHANNELS, 32, val_images=[1])
+
+
+def test_cli_help_and_error_exit(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cp2image_core.train", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "--export-dir" in proc.stdout and "--resume" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "cp2image_core.train", "--export-dir", str(tmp_path),
+                           "--channels", "DNA", "--out", str(tmp_path / "m.safetensors")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Image.csv not found" in proc.stderr
