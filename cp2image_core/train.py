@@ -50,6 +50,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--channels", nargs="+", required=True,
                    help="image names, in order (the <name> of Image.csv's FileName_<name> columns)")
     d.add_argument("--crop-size", type=int, default=64, help="crop side, pixels")
+    d.add_argument("--mask-image", default=None,
+                   help="exported label image of --objects (Image.csv FileName_<name>); weights the pixel loss "
+                        "inside each cell's own object by --mask-weight")
     d.add_argument("--image-root", default=None, help="read images from this folder instead of Image.csv's PathName_")
     d.add_argument("--val-images", type=int, nargs="+", default=None,
                    help="ImageNumbers held out for validation (default: a seeded --val-fraction of images)")
@@ -66,6 +69,11 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--weight-decay", type=float, default=1e-4, help="generator weight decay")
     m.add_argument("--adv-weight", type=float, default=0.05, help="adversarial loss weight (adversarial loss)")
     m.add_argument("--fm-weight", type=float, default=1.0, help="feature-matching loss weight")
+    m.add_argument("--mask-weight", type=float, default=4.0, help="extra pixel-loss weight inside the object mask")
+    m.add_argument("--feature-loss", type=float, default=0.0,
+                   help="weight of the feature-encoder loss: a CNN pre-trained to read the features from real "
+                        "crops must read the same from the synthesized crop (0: off)")
+    m.add_argument("--encoder-steps", type=int, default=600, help="pre-training steps of the feature encoder")
     m.add_argument("--adv-start", type=int, default=500, help="step at which adversarial terms switch on")
     m.add_argument("--fm-ramp", type=int, default=2500,
                    help="paper loss: steps over which each discriminator layer's feature matching switches on")
@@ -161,7 +169,7 @@ def train(args: argparse.Namespace) -> int:
     # ---- data: cached training set, standardized with training-split statistics
     ts = build_training_set(args.export_dir, args.objects, args.feature_objects or [args.objects], args.channels,
                             args.crop_size, args.val_images, args.val_fraction, args.seed,
-                            args.image_root, cache=run_dir / "trainset.npz")
+                            args.image_root, cache=run_dir / "trainset.npz", mask_image=args.mask_image)
     train_idx, val_idx = ts.train_idx, ts.val_idx
     if len(train_idx) == 0 or len(val_idx) == 0:
         raise CP2ImageError(f"The split left {len(train_idx)} training and {len(val_idx)} validation cells; "
@@ -182,6 +190,8 @@ def train(args: argparse.Namespace) -> int:
     z_all, _ = standardize(ts.features, spec)
     z_all = torch.from_numpy(z_all)
     x_all = torch.from_numpy(ts.crops)
+    w_all = (1.0 + args.mask_weight * torch.from_numpy(ts.masks).float()[:, None] if ts.masks is not None
+             else torch.ones(len(ts.crops), 1, 1, 1))
     if rank == 0:
         dropped = {k: len(v) for k, v in ts.dropped.items() if v}
         print(f"training set: {len(train_idx)} train / {len(val_idx)} val cells, {spec.n_features} features "
@@ -201,6 +211,9 @@ def train(args: argparse.Namespace) -> int:
     if critic is not None:
         opt_d = (torch.optim.SGD(critic.parameters(), lr=args.lr_d, momentum=0.9) if loss_kind == "paper"
                  else torch.optim.Adam(critic.parameters(), lr=args.lr_d, betas=(0.5, 0.999)))
+    encoder = None
+    if args.feature_loss > 0:
+        encoder = pretrain_encoder(x_all, z_all, train_idx, spec, args, device, rank)
     start, history = 0, []
     ckpt_path = run_dir / "checkpoint.pt"
     if args.resume and ckpt_path.exists():
@@ -225,7 +238,7 @@ def train(args: argparse.Namespace) -> int:
     for step in bar:
         gen.train()
         idx = torch.from_numpy(batch_indices(pool, args.batch_size, args.seed, step, rank))
-        x, z = x_all[idx].to(device), z_all[idx].to(device)
+        x, z, w = x_all[idx].to(device), z_all[idx].to(device), w_all[idx].to(device)
         logs = {}
         with amp:
             fake = gen(z)
@@ -246,8 +259,14 @@ def train(args: argparse.Namespace) -> int:
             if loss_kind == "paper":
                 loss_g = 0.5 * (fake.float() - x).pow(2).flatten(1).sum(1).mean()
             else:
-                loss_g = (fake.float() - x).abs().mean()
+                loss_g = (w * (fake.float() - x).abs()).mean() / w.mean()
             logs["pixel"] = loss_g.item()
+            if encoder is not None:
+                with torch.no_grad():
+                    target = encoder(x)
+                feat = (encoder(fake).float() - target.float()).pow(2).mean()
+                loss_g = loss_g + args.feature_loss * feat
+                logs["feat"] = feat.item()
             if critic is not None and step >= args.adv_start:
                 d_fake, f_fake = critic(fake)
                 with torch.no_grad():
@@ -302,6 +321,29 @@ def train(args: argparse.Namespace) -> int:
     if world > 1:
         dist.destroy_process_group()
     return 0
+
+
+def pretrain_encoder(x_all, z_all, train_idx, spec, args, device, rank) -> torch.nn.Module:
+    """Fit the feature encoder on real training crops (image -> standardized features), then freeze it.
+
+    Deterministic for a seed, so a resumed run rebuilds the same encoder.
+    """
+    from .archs.encoder import FeatureEncoder
+
+    torch.manual_seed(args.seed + 1)
+    enc = FeatureEncoder(spec.n_channels, spec.n_features).to(device)
+    opt = torch.optim.AdamW(enc.parameters(), lr=2e-3, weight_decay=1e-4)
+    for step in tqdm(range(args.encoder_steps), desc="feature encoder", disable=rank != 0,
+                     mininterval=0.5 if sys.stderr.isatty() else 30):
+        idx = torch.from_numpy(batch_indices(train_idx, 64, args.seed + 7, step, 0))
+        loss = (enc(x_all[idx].to(device)) - z_all[idx].to(device)).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    enc.eval().requires_grad_(False)
+    if rank == 0:
+        print(f"feature encoder: training MSE {loss.item():.3f} (standardized features)")
+    return enc
 
 
 def _unwrap(model):

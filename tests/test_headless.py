@@ -43,3 +43,28 @@ def test_headless_run_stops_before_any_image_set_when_a_feature_is_missing(tmp_p
     assert "MeasureTexture on Nuclei" in log and "Texture_" in log
     assert "module IdentifyPrimaryObjects" not in log  # no image set ran
     assert not list((tmp_path / "out").glob("*.tiff")) if (tmp_path / "out").exists() else True
+
+
+def test_two_processes_on_disjoint_image_set_ranges_write_what_one_process_writes(tmp_path):
+    """CellProfiler's scale-out (-f/-l ranges, as on a cluster array): same stacks as one run over all sets."""
+    import subprocess
+
+    from conftest import CELLPROFILER
+
+    images = copy_fields(tmp_path / "images", ["01_POS002", "01_POS076"])
+    pipeline = ROOT / "pipelines" / "ExampleFly_CP2Image.cppipe"
+    one = tmp_path / "one"
+    run_cellprofiler(pipeline, images, one)
+    shared = tmp_path / "shared"
+    procs = [subprocess.Popen([CELLPROFILER, "-c", "-r", "-p", str(pipeline), "--plugins-directory",
+                               str(ROOT / "plugins"), "-i", str(images), "-o", str(shared),
+                               "-f", str(k), "-l", str(k)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for k in (1, 2)]
+    assert [p.wait(timeout=900) for p in procs] == [0, 0]
+    # both processes wrote into one folder at the same time (their CSVs clash there: give each its own on a cluster)
+    stacks = sorted(p.name for p in shared.glob("*.tiff"))
+    assert stacks == ["CP2Image_Nuclei_ImageSet0001.tiff", "CP2Image_Nuclei_ImageSet0002.tiff"]
+    for name in stacks:
+        a = tifffile.imread(str(one / name))
+        b = tifffile.imread(str(shared / name))
+        assert a.shape == b.shape and np.array_equal(a, b), name
