@@ -22,6 +22,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/generator_throughput.py
+	$(PY) benchmarks/module_overhead.py
 
 train-default: $(STAMP)
 	bash scripts/train_default.sh

@@ -74,16 +74,21 @@ def _numeric(path: Path, header: list[str], rows: list[list[str]], col: str) -> 
     return out
 
 
-def load_image(path: Path) -> np.ndarray:
-    """A 2-D plane scaled as CellProfiler scales it by default: integers divided by their type's maximum."""
+def _imread(path: Path, what: str) -> np.ndarray:
+    """The pixels of ``path``; DataError naming it when it is missing or unreadable."""
     import skimage.io
 
     if not path.exists():
-        raise DataError(f"Image file {path} not found (moved? use --image-root to point at its new folder)")
+        raise DataError(f"{what} {path} not found (moved? use --image-root to point at its new folder)")
     try:
-        img = skimage.io.imread(str(path))
+        return skimage.io.imread(str(path))
     except Exception as e:
-        raise DataError(f"Image file {path} could not be read: {e}") from None
+        raise DataError(f"{what} {path} could not be read: {e}") from None
+
+
+def load_image(path: Path) -> np.ndarray:
+    """A 2-D plane scaled as CellProfiler scales it by default: integers divided by their type's maximum."""
+    img = _imread(path, "Image file")
     if img.ndim == 3 and img.shape[-1] in (3, 4) and np.allclose(img[..., 0], img[..., 1]):
         img = img[..., 0]
     if img.ndim != 2:
@@ -95,14 +100,7 @@ def load_image(path: Path) -> np.ndarray:
 
 def load_labels(path: Path) -> np.ndarray:
     """A label image (object numbers, as SaveImages writes ConvertObjectsToImage's uint16 output)."""
-    import skimage.io
-
-    if not path.exists():
-        raise DataError(f"Label image {path} not found (moved? use --image-root to point at its new folder)")
-    try:
-        labels = skimage.io.imread(str(path))
-    except Exception as e:
-        raise DataError(f"Label image {path} could not be read: {e}") from None
+    labels = _imread(path, "Label image")
     if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"Label image {path} must be one plane of integer object numbers "
                         f"(got {labels.dtype} {labels.shape}); save it as 16-bit from ConvertObjectsToImage uint16")

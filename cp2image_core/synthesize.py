@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from . import archs
-from .errors import ModelFileError, SpecError
+from .errors import CP2ImageError, ModelFileError, SpecError
 from .modelfile import load_model
 from .spec import ModelSpec
 
@@ -18,13 +18,17 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(choice: str = "auto", fallback: bool = True) -> torch.device:
-    """'auto' -> CUDA when present, else CPU; 'cuda' without a GPU falls back (one warning) or fails."""
+    """'auto' -> CUDA when present, else CPU; 'cuda' without a GPU falls back (one warning) unless
+    ``fallback`` is False or the choice is 'cuda-only', which raise."""
     choice = choice.lower()
+    if choice == "cuda-only":
+        choice, fallback = "cuda", False
     if choice in ("cuda", "gpu"):
         if torch.cuda.is_available():
             return torch.device("cuda")
         if not fallback:
-            raise RuntimeError("GPU chosen but PyTorch sees no CUDA device; choose CPU or Automatic")
+            raise CP2ImageError("CP2Image: GPU only was chosen but PyTorch sees no CUDA device here; choose "
+                                "Automatic or CPU, or run on a GPU node with a CUDA build of PyTorch")
         log.warning("CP2Image: GPU chosen but no CUDA device is available; using the CPU")
         return torch.device("cpu")
     if choice in ("auto", "automatic"):

@@ -93,8 +93,9 @@ LOGGER = logging.getLogger(__name__)
 
 MODEL_DEFAULT = "Default model (shipped)"
 MODEL_CUSTOM = "Model file"
-DEVICE_AUTO, DEVICE_CPU, DEVICE_GPU = "Automatic", "CPU", "GPU"
-DEVICES = {DEVICE_AUTO: "auto", DEVICE_CPU: "cpu", DEVICE_GPU: "cuda"}  # setting -> cp2image_core name
+DEVICE_AUTO, DEVICE_CPU, DEVICE_GPU, DEVICE_GPU_ONLY = "Automatic", "CPU", "GPU", "GPU only (stop if none)"
+# setting -> cp2image_core device name
+DEVICES = {DEVICE_AUTO: "auto", DEVICE_CPU: "cpu", DEVICE_GPU: "cuda", DEVICE_GPU_ONLY: "cuda-only"}
 LAYOUT_STACK = "One TIFF stack per image set"
 LAYOUT_OBJECT = "One TIFF per object"
 CATEGORY = "CP2Image"
@@ -153,10 +154,10 @@ class CP2Image(Module):
         )
         self.device = Choice(
             "Compute device",
-            [DEVICE_AUTO, DEVICE_CPU, DEVICE_GPU],
+            [DEVICE_AUTO, DEVICE_CPU, DEVICE_GPU, DEVICE_GPU_ONLY],
             doc=f"*{DEVICE_AUTO}* (default): a CUDA GPU when PyTorch sees one, else the CPU. *{DEVICE_GPU}* "
-            "falls back to the CPU with a warning when no GPU is present. Each CellProfiler worker "
-            "process loads its own copy of the model.",
+            f"falls back to the CPU with one warning when no GPU is present; *{DEVICE_GPU_ONLY}* stops the run "
+            "with an error instead. Each CellProfiler worker process loads its own copy of the model.",
         )
         self.batch_size = Integer(
             "Batch size",

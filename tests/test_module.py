@@ -133,6 +133,22 @@ def test_module_per_object_files_and_no_silent_overwrite(tiny_model, fly_export,
     assert (tmp_path / files[0]).read_bytes() == before
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the behaviour without a GPU")
+def test_gpu_only_stops_clearly_without_a_gpu_and_gpu_falls_back(tiny_model, fly_export, tmp_path, caplog):
+    spec = read_spec(tiny_model)
+    labels, centers = three_objects()
+    raw = real_feature_rows(fly_export, spec, [0, 1, 2])
+    module, ws = make_workspace(tiny_model, tmp_path / "a", raw, spec, labels, centers,
+                                device="GPU only (stop if none)")
+    with pytest.raises(Exception, match="GPU only was chosen but PyTorch sees no CUDA device"):
+        module.run(ws)
+    assert not (tmp_path / "a").exists() or not list((tmp_path / "a").glob("*.tiff"))
+    module, ws = make_workspace(tiny_model, tmp_path / "b", raw, spec, labels, centers, device="GPU")
+    module.run(ws)
+    assert "no CUDA device is available; using the CPU" in caplog.text
+    assert ws.measurements.get_current_image_measurement("CP2Image_Count_Nuclei") == 3
+
+
 def test_module_zero_objects(tiny_model, tmp_path):
     spec = read_spec(tiny_model)
     labels = np.zeros((50, 50), np.int32)

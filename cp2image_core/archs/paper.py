@@ -9,8 +9,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import register
+
+# Nearest x2 up-sampling, zero padding 4 and a valid 5x5 conv equal, per output phase (row and column
+# parity), a 3x3 conv of the low-resolution input padded by 2 whose taps sum groups of the 5x5 taps.
+_PHASE = torch.tensor([[[1, 1, 0, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]],   # even outputs
+                       [[1, 0, 0, 0, 0], [0, 1, 1, 0, 0], [0, 0, 0, 1, 1]]],  # odd outputs
+                      dtype=torch.float32)
 
 
 def paper_sizes(crop_size: int) -> list[int]:
@@ -40,8 +47,39 @@ class PaperGenerator(nn.Module):
             nn.Conv2d(width, n_channels, 1), nn.BatchNorm2d(n_channels), nn.ReLU(),
         )
 
+        self.sizes = (s1, s2, s3)
+        self.exact_doubling = all(s == 2 * n for s, n in zip(self.sizes, (5, s1 + 4, s2 + 4)))
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if not self.training and self.exact_doubling:
+            return self.forward_fast(z)
         return self.net(z[:, :, None, None])
+
+    def forward_fast(self, z: torch.Tensor) -> torch.Tensor:
+        """The same function as the dense network in eval mode, skipping work whose result is known.
+
+        The first conv sees one non-zero pixel of its padded input: a matrix product. Each x2 nearest
+        up-sampling + 5x5 conv becomes four 3x3 convs (one per output phase) on the low-resolution map:
+        9 instead of 25 multiply-adds per output. About 2.9x fewer FLOPs at 68x68.
+        """
+        net = self.net
+        conv1 = net[1]
+        w = conv1.weight.flip(2, 3)  # out[:, i, j] = W[:, :, 4 - i, 4 - j] @ z
+        x = (z @ w.permute(1, 0, 2, 3).reshape(z.shape[1], -1)).view(-1, w.shape[0], 5, 5)
+        x = net[3](net[2](x + conv1.bias[None, :, None, None]))
+        for conv, bn, act in ((net[6], net[7], net[8]), (net[11], net[12], net[13]), (net[16], net[17], net[18])):
+            x = act(bn(_upsample2_conv5(x, conv.weight, conv.bias)))
+        return net[21](net[20](net[19](x)))
+
+
+def _upsample2_conv5(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """conv5x5(zero_pad(upsample_nearest_x2(x), 4)) computed as four 3x3 phase convolutions."""
+    g = _PHASE.to(weight)
+    co = weight.shape[0]
+    k = torch.einsum("pau,oiuv,qbv->pqoiab", g, weight, g).reshape(4 * co, weight.shape[1], 3, 3)
+    y = F.conv2d(F.pad(x, (2, 2, 2, 2)), k, bias.repeat(4))
+    n, _, h, w = y.shape
+    return y.view(n, 2, 2, co, h, w).permute(0, 3, 4, 1, 5, 2).reshape(n, co, 2 * h, 2 * w)
 
 
 class PaperDiscriminator(nn.Module):
