@@ -46,6 +46,12 @@ def flops_per_cell(gen: torch.nn.Module, n_features: int) -> float:
     return counter.get_total_flops() / 4
 
 
+def _dense_flops(gen, n_features: int) -> float:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        gen.net(torch.zeros(4, n_features, 1, 1))
+    return counter.get_total_flops() / 4
+
+
 def cells_per_s(synth, batch: int, min_seconds: float = 2.0) -> float:
     z = torch.randn(max(batch, 256), synth.spec.n_features).numpy()
     synth.generate(z[:batch], batch)  # warm-up
@@ -56,11 +62,27 @@ def cells_per_s(synth, batch: int, min_seconds: float = 2.0) -> float:
     return n / (time.perf_counter() - t)
 
 
+def time_module(fn, n_features: int, batch: int, min_seconds: float = 2.0) -> float:
+    z = torch.randn(256, n_features)
+    with torch.inference_mode():
+        fn(z[:batch])
+        n, t = 0, time.perf_counter()
+        while time.perf_counter() - t < min_seconds:
+            for i in range(0, 256, batch):
+                fn(z[i:i + batch])
+            n += 256
+    return n / (time.perf_counter() - t)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=[str(ROOT / "weights" / "cp2image-default.safetensors")])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 32, 64, 256])
     p.add_argument("--device", default="auto")
+    p.add_argument("--speed-only", nargs="*", default=["cp2image-paper@68"],
+                   help="ARCH@CROP generators timed with fresh weights (speed does not depend on weights), "
+                        "with the default model's feature count and 3 channels; the paper generator is timed "
+                        "on its dense path and on its phase-decomposed eval path")
     a = p.parse_args()
     device = resolve_device(a.device)
     rate = matmul_rate(device)
@@ -77,6 +99,20 @@ def main() -> None:
         for b in a.batches:
             c = cells_per_s(synth, b)
             print(f"{b:5d}  {c:7.0f}  {100 * c / roof:6.1f}%")
+    n_features = read_spec(a.models[0]).n_features
+    for item in a.speed_only:
+        arch, crop = item.split("@")
+        gen = archs.build(arch, n_features, 3, int(crop)).eval().to(device)
+        f = flops_per_cell(gen, n_features) if not hasattr(gen, "net") else _dense_flops(gen, n_features)
+        roof = rate / f
+        paths = {"dense": lambda z, g=gen: g.net(z[:, :, None, None])} if hasattr(gen, "net") else {}
+        paths["eval path"] = gen
+        print(f"\n{arch} at 3x{crop}x{crop}, {n_features} features (fresh weights, speed only): "
+              f"{f / 1e6:.0f} MFLOP/cell dense -> roofline {roof:.0f} cells/s")
+        print("batch  " + "  ".join(f"{k:>10s} cells/s (% roofline)" for k in paths))
+        for b in a.batches:
+            rates = [time_module(fn, n_features, b) for fn in paths.values()]
+            print(f"{b:5d}  " + "  ".join(f"{r:18.0f} ({100 * r / roof:5.1f}%)" for r in rates))
 
 
 if __name__ == "__main__":

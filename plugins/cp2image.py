@@ -259,8 +259,6 @@ class CP2Image(Module):
         message = support.missing_features_message(spec, available, self.objects_name.value)
         if message:
             raise ValidationError(message, self.objects_name)
-        if self.wants_field and spec.n_channels < 1:
-            raise ValidationError("The model has no channels", self.wants_field)
 
     def prepare_run(self, workspace):
         """Stop before the first image set (headless too) when the model cannot run in this pipeline."""

@@ -6,7 +6,7 @@ VENV=${VENV:-.venv}
 WORK=${WORK:-build/examplefly}
 ARCH=${ARCH:-cp2image-decoder}
 OUT=${OUT:-weights/cp2image-default.safetensors}
-STEPS=${STEPS:-2500}
+STEPS=${STEPS:-3000}
 PY="$VENV/bin/python"
 if [ ! -f "$WORK/features/Nuclei.csv" ]; then
   SRC=$("$PY" -c 'import cellprofiler, os; print(os.path.join(os.path.dirname(cellprofiler.__file__), "data/examples/ExampleFly/images"))')
@@ -18,5 +18,5 @@ if [ ! -f "$WORK/features/Nuclei.csv" ]; then
 fi
 "$PY" -m cp2image_core.train --export-dir "$WORK/features" --objects Nuclei \
   --feature-objects Nuclei Cells Cytoplasm --channels DNA FITC Rhodamine --crop-size 64 --val-images 1 \
-  --arch "$ARCH" --steps "$STEPS" --val-every 500 --seed 0 --mask-image NucleiLabels --feature-loss 0.2 \
-  --encoder-steps 600 --threads 1 --out "$OUT" --run-dir "runs/$(basename "$OUT" .safetensors)" "$@"
+  --arch "$ARCH" --loss l1 --steps "$STEPS" --val-every 500 --seed 0 --mask-image NucleiLabels --threads 1 \
+  --out "$OUT" --run-dir "runs/$(basename "$OUT" .safetensors)" "$@"

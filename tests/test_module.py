@@ -199,3 +199,26 @@ def test_settings_visibility_and_revision():
     assert module.field_name in module.visible_settings()
     values = [s.value_text for s in module.settings()]
     assert module.upgrade_settings(values, 1, "CP2Image") == (values, 1)
+
+
+def test_module_loads_without_torch_and_says_what_to_install():
+    """CellProfiler drops plugins whose import fails: ours must import, then explain in validation."""
+    import subprocess
+
+    code = f"""
+import sys
+sys.modules['torch'] = None  # as if PyTorch were not installed
+sys.path.insert(0, {str(ROOT / 'plugins')!r})
+import cellprofiler_core.preferences as p; p.set_headless()
+from cellprofiler_core.pipeline import Pipeline
+from cellprofiler_core.setting import ValidationError
+import cp2image
+m = cp2image.CP2Image(); m.set_module_num(1)
+pl = Pipeline(); pl.add_module(m)
+try:
+    m.validate_module(pl)
+except ValidationError as e:
+    print('VALIDATION:', e.message)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "VALIDATION: CP2Image needs the cp2image_core package and PyTorch" in proc.stdout, proc.stderr[-2000:]
