@@ -184,12 +184,15 @@ def build_training_set(
     image_root: str | os.PathLike | None = None,
     cache: str | os.PathLike | None = None,
     mask_image: str | None = None,
+    zero_outside_mask: bool = False,
 ) -> TrainingSet:
     """Join the object CSVs, select features, crop every object, split by image (cached if asked).
 
     ``mask_image`` names an exported label image of the crop objects (Image.csv's FileName_<name>): each
-    crop then gets the mask of its own object.
+    crop then gets the mask of its own object, and ``zero_outside_mask`` sets the pixels outside it to 0.
     """
+    if zero_outside_mask and not mask_image:
+        raise DataError("Zeroing outside the object's mask needs its label image: name it with --mask-image")
     export_dir = Path(export_dir)
     feature_objects = list(feature_objects or [object_name])
     channels = list(channels or [])
@@ -198,7 +201,7 @@ def build_training_set(
     objects = dict.fromkeys([object_name, *feature_objects])
     csvs = [export_dir / "Image.csv"] + [export_dir / f"{o}.csv" for o in objects]
     key = json.dumps([str(export_dir.resolve()), object_name, feature_objects, channels, crop_size,
-                      val_images, val_fraction, seed, str(image_root), mask_image,
+                      val_images, val_fraction, seed, str(image_root), mask_image, zero_outside_mask,
                       [(str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in csvs if p.exists()]])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     if cache is not None:
@@ -285,6 +288,8 @@ def build_training_set(
             raise DataError(f"Image set {num}: channels differ in size: "
                             + ", ".join(f"{f.name} {pl.shape}" for f, pl in zip(files[int(num)], planes)))
         crops[rows_here] = crop_objects(np.stack(planes, axis=-1), centers, crop_size)
+        if zero_outside_mask:
+            crops[rows_here] *= masks[rows_here, None]
 
     ts = TrainingSet(
         crops=crops, features=values[:, keep], feature_names=[names[i] for i in keep], channels=channels,

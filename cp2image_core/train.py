@@ -53,6 +53,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--mask-image", default=None,
                    help="exported label image of --objects (Image.csv FileName_<name>); weights the pixel loss "
                         "inside each cell's own object by --mask-weight")
+    d.add_argument("--zero-outside-mask", action="store_true",
+                   help="set pixels outside each object's own mask (from --mask-image) to 0 in its crop")
     d.add_argument("--image-root", default=None, help="read images from this folder instead of Image.csv's PathName_")
     d.add_argument("--val-images", type=int, nargs="+", default=None,
                    help="ImageNumbers held out for validation (default: a seeded --val-fraction of images)")
@@ -169,7 +171,8 @@ def train(args: argparse.Namespace) -> int:
     # ---- data: cached training set, standardized with training-split statistics
     ts = build_training_set(args.export_dir, args.objects, args.feature_objects or [args.objects], args.channels,
                             args.crop_size, args.val_images, args.val_fraction, args.seed,
-                            args.image_root, cache=run_dir / "trainset.npz", mask_image=args.mask_image)
+                            args.image_root, cache=run_dir / "trainset.npz", mask_image=args.mask_image,
+                            zero_outside_mask=args.zero_outside_mask)
     train_idx, val_idx = ts.train_idx, ts.val_idx
     if len(train_idx) == 0 or len(val_idx) == 0:
         raise CP2ImageError(f"The split left {len(train_idx)} training and {len(val_idx)} validation cells; "

@@ -51,6 +51,16 @@ def test_training_set_from_real_export(fly_export, tmp_path):
     again = build_training_set(fly_export, "Nuclei", ["Nuclei", "Cells", "Cytoplasm"], CHANNELS, 48,
                                val_images=[1], cache=tmp_path / "c.npz")
     assert np.array_equal(again.crops, ts.crops) and again.feature_names == ts.feature_names
+    # with the exported label image: each crop's own nucleus mask, and optionally zero outside it
+    masked = build_training_set(fly_export, "Nuclei", ["Nuclei"], CHANNELS, 48, val_images=[1],
+                                mask_image="NucleiLabels", zero_outside_mask=True)
+    assert masked.masks.shape == (n, 48, 48) and masked.masks[:, 24, 24].mean() > 0.95
+    areas = _numeric(fly_export / "Nuclei.csv", oh, orows, "AreaShape_Area")
+    assert np.allclose(masked.masks.reshape(n, -1).sum(1)[:20], areas[:20])
+    inside = masked.masks[:, None].repeat(3, 1)
+    assert np.all(masked.crops[~inside] == 0)
+    assert np.array_equal(masked.crops[inside], build_training_set(
+        fly_export, "Nuclei", ["Nuclei"], CHANNELS, 48, val_images=[1]).crops[inside])
 
 
 def test_trained_model_loss_falls_and_inference_is_batch_independent(tiny_model):
