@@ -145,3 +145,26 @@ def test_training_killed_mid_run_resumes_to_the_same_result(fly_export, tmp_path
     _, a = load_model(straight)
     _, b = load_model(killed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sixteen_bit_images_are_scaled_as_cellprofiler_scales_them(tmp_path):
+    import tifffile
+
+    from cp2image_core.dataset import load_image
+
+    data = np.array([[0, 65535], [32768, 1000]], np.uint16)
+    tifffile.imwrite(str(tmp_path / "a.tif"), data)
+    assert np.allclose(load_image(tmp_path / "a.tif"), data / 65535.0)
+    tifffile.imwrite(str(tmp_path / "b.tif"), data.astype(np.uint8))
+    assert np.allclose(load_image(tmp_path / "b.tif"), data.astype(np.uint8) / 255.0)
+
+
+def test_fewer_training_cells_than_the_batch_size(fly_export, tmp_path):
+    from cp2image_core.train import main
+
+    out = tmp_path / "m.safetensors"
+    # field 2 held out: 283 training cells, batches of 300 are drawn with replacement
+    assert main(["--export-dir", str(fly_export), "--channels", *CHANNELS, "--val-images", "2", "--crop-size", "32",
+                 "--batch-size", "300", "--steps", "2", "--val-every", "2", "--loss", "l1", "--out", str(out)]) == 0
+    spec, _ = load_model(out)
+    assert spec.training["n_train"] < 300

@@ -149,6 +149,25 @@ def test_gpu_only_stops_clearly_without_a_gpu_and_gpu_falls_back(tiny_model, fly
     assert ws.measurements.get_current_image_measurement("CP2Image_Count_Nuclei") == 3
 
 
+def test_one_pixel_objects_with_nan_features(tiny_model, fly_export, tmp_path):
+    spec = read_spec(tiny_model)
+    labels = np.zeros((60, 60), np.int32)
+    labels[10, 10], labels[30, 45], labels[59, 0] = 1, 2, 3  # one pixel each, one in the image corner
+    centers = np.array([[10.0, 10.0], [45.0, 30.0], [0.0, 59.0]])
+    raw = real_feature_rows(fly_export, spec, [0, 1, 2])
+    raw[0, :] = np.nan  # CellProfiler gives NaN shape/texture features for one-pixel objects
+    module, ws = make_workspace(tiny_model, tmp_path, raw, spec, labels, centers, wants_field=True)
+    module.run(ws)
+    imputed = ws.measurements.get_current_measurement("Nuclei", "CP2Image_ImputedFeatures")
+    assert list(imputed) == [spec.n_features, 0, 0]
+    stack = tifffile.imread(str(tmp_path / "CP2Image_Nuclei_ImageSet0001.tiff"))
+    field = ws.image_set.get_image("SyntheticField").pixel_data
+    c = spec.crop_size // 2
+    for k, (x, y) in enumerate(centers.astype(int)):
+        assert np.allclose(field[y, x], stack[k][:, c, c])
+    assert np.count_nonzero(field.sum(-1)) <= 3
+
+
 def test_module_zero_objects(tiny_model, tmp_path):
     spec = read_spec(tiny_model)
     labels = np.zeros((50, 50), np.int32)

@@ -1,0 +1,55 @@
+"""Training throughput (cells/s over optimizer steps) and peak memory for each architecture and loss.
+
+    .venv/bin/python benchmarks/training_throughput.py [--steps 60] [--export-dir build/examplefly/features]
+
+Each configuration trains in its own process (so its peak resident memory is its own) on the ExampleFly
+export made by `make train-default`, for a few steps after the training set is cached.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# runs the trainer and reports its own peak resident memory (kB) when it exits
+WRAPPER = ("import atexit, resource, runpy, sys; atexit.register(lambda: print('MAXRSS', "
+           "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)); sys.argv[0] = 'train'; "
+           "runpy.run_module('cp2image_core.train', run_name='__main__')")
+CONFIGS = {
+    "cp2image-decoder, L1 (the default)": ["--arch", "cp2image-decoder", "--loss", "l1"],
+    "cp2image-decoder, adversarial": ["--arch", "cp2image-decoder", "--loss", "adversarial", "--adv-start", "0"],
+    "cp2image-paper, paper losses": ["--arch", "cp2image-paper", "--loss", "paper", "--adv-start", "0"],
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--export-dir", default=str(ROOT / "build/examplefly/features"))
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=32)
+    a = p.parse_args()
+    print(f"{a.steps} steps of {a.batch_size} cells, 3x64x64 crops, CPU")
+    print(f"{'configuration':38s} cells/s   peak RSS")
+    for name, extra in CONFIGS.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "m.safetensors"
+            cmd = [sys.executable, "-c", WRAPPER, "--export-dir", a.export_dir,
+                   "--feature-objects", "Nuclei", "Cells", "Cytoplasm", "--channels", "DNA", "FITC", "Rhodamine",
+                   "--val-images", "1", "--steps", str(a.steps), "--batch-size", str(a.batch_size),
+                   "--val-every", str(a.steps), "--ema", "0", "--out", str(out), *extra]
+            proc = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+            peak = int(proc.stderr.rsplit("MAXRSS", 1)[1].split()[0])
+            from cp2image_core.modelfile import read_spec
+
+            rate = read_spec(out).training["cells_per_s"]
+            print(f"{name:38s} {rate:7.0f}   {peak / 1024:6.0f} MB")
+    print(json.dumps({"note": "cells/s includes validation at the end; first steps include warm-up"}))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
