@@ -36,27 +36,39 @@ def crop_objects(image: np.ndarray, centers_xy: np.ndarray, size: int, chunk: in
     return out
 
 
-def paste_into_objects(crops: np.ndarray, labels: np.ndarray, centers_xy: np.ndarray,
-                       first: int = 1, field: np.ndarray | None = None) -> np.ndarray:
-    """A (H, W, C) field: crop k (object number ``first + k``) painted inside that object's mask, zero elsewhere.
+class FieldPainter:
+    """Paints synthesized crops inside their objects' masks, batch by batch.
 
-    Each crop is placed with its centre on the object's centre, as ``crop_objects`` cut it; ``centers_xy``
-    holds the centres of objects 1..N. Pass ``field`` to paint a batch of objects into an existing field.
+    The labelled pixels are found, sorted by object and placed in crop coordinates once, so each batch
+    only slices its own objects' pixels (no rescan of the label image per batch).
     """
-    n, c, size, _ = crops.shape
-    h, w = labels.shape
-    if field is None:
-        field = np.zeros((h, w, c), dtype=np.float32)
-    ys, xs = np.nonzero((labels >= first) & (labels < first + n))
-    if len(ys) == 0:
+
+    def __init__(self, labels: np.ndarray, centers_xy: np.ndarray, size: int) -> None:
+        centers = np.asarray(centers_xy, dtype=np.float64).reshape(-1, 2)
+        n = len(centers)
+        ys, xs = np.nonzero((labels > 0) & (labels <= n))
+        k = labels[ys, xs].astype(np.int64) - 1
+        ok = np.isfinite(centers[k]).all(axis=1)
+        ys, xs, k = ys[ok], xs[ok], k[ok]
+        dy = ys - np.round(centers[k, 1]).astype(np.int64) + size // 2
+        dx = xs - np.round(centers[k, 0]).astype(np.int64) + size // 2
+        inside = (dy >= 0) & (dy < size) & (dx >= 0) & (dx < size)
+        order = np.argsort(k[inside], kind="stable")
+        self.ys, self.xs, self.k, self.dy, self.dx = (a[inside][order] for a in (ys, xs, k, dy, dx))
+
+    def paint(self, crops: np.ndarray, first: int, field: np.ndarray) -> np.ndarray:
+        """Paint crop i as object number ``first + i`` into ``field`` (H, W, C)."""
+        lo, hi = np.searchsorted(self.k, [first - 1, first - 1 + len(crops)])
+        sl = slice(lo, hi)
+        field[self.ys[sl], self.xs[sl]] = crops[self.k[sl] - (first - 1), :, self.dy[sl], self.dx[sl]]
         return field
-    k = labels[ys, xs].astype(np.int64) - 1
-    centers = np.asarray(centers_xy, dtype=np.float64).reshape(-1, 2)
-    ok = np.isfinite(centers[k]).all(axis=1)
-    ys, xs, k = ys[ok], xs[ok], k[ok]
-    dy = ys - np.round(centers[k, 1]).astype(np.int64) + size // 2
-    dx = xs - np.round(centers[k, 0]).astype(np.int64) + size // 2
-    inside = (dy >= 0) & (dy < size) & (dx >= 0) & (dx < size)
-    ys, xs, k, dy, dx = ys[inside], xs[inside], k[inside], dy[inside], dx[inside]
-    field[ys, xs] = crops[k - (first - 1), :, dy, dx]
-    return field
+
+
+def paste_into_objects(crops: np.ndarray, labels: np.ndarray, centers_xy: np.ndarray) -> np.ndarray:
+    """A (H, W, C) field: crop k (object number k + 1) painted inside that object's mask, zero elsewhere.
+
+    Each crop is placed with its centre on the object's centre, as ``crop_objects`` cut it.
+    """
+    _, c, size, _ = crops.shape
+    field = np.zeros((*labels.shape, c), dtype=np.float32)
+    return FieldPainter(labels, centers_xy, size).paint(crops, 1, field)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from .crops import crop_objects, paste_into_objects
+from .crops import FieldPainter, crop_objects, paste_into_objects
 from .errors import CP2ImageError
 from .features import producer_of, standardize
 from .modelfile import read_spec
@@ -106,12 +106,13 @@ def synthesize_and_write(synth: Synthesizer, measurements, objects_name: str, la
              else [f"{base}.tiff"] if n else [])
     check_writable(out, names, overwrite)
     field = np.zeros((*labels.shape, spec.n_channels), np.float32) if want_field else None
+    painter = FieldPainter(labels, centers, spec.crop_size) if want_field else None
     gallery: list[np.ndarray] = []
 
     def batches():
         for start, images in synth.iter_generate(z, batch_size):
-            if field is not None:
-                paste_into_objects(images, labels, centers, first=start + 1, field=field)
+            if painter is not None:
+                painter.paint(images, start + 1, field)
             gallery.extend(images[: max(0, keep - len(gallery))])
             yield start, images
 
