@@ -94,3 +94,29 @@ def load_model(path: str | os.PathLike) -> tuple[ModelSpec, dict[str, torch.Tens
     except (SafetensorError, OSError, ValueError) as e:
         raise ModelFileError(f"Model file {path} could not be read: {e}") from None
     return spec, tensors
+
+
+def describe(spec: ModelSpec) -> str:
+    """What a CellProfiler user needs to know to run a model: objects, channels, features by module."""
+    from .features import producer_of
+
+    groups: dict[str, list[str]] = {}
+    for obj, feat in spec.features:
+        groups.setdefault(f"{producer_of(feat)} on {obj}", []).append(feat)
+    lines = [f"architecture {spec.arch}, {spec.crop_size}x{spec.crop_size}-pixel crops of {spec.object_name}",
+             f"channels (grayscale images, in order): {', '.join(spec.channels)}",
+             f"{spec.n_features} features, measured by:"]
+    lines += [f"  {where}: {len(feats)} ({', '.join(feats[:3])}{', …' if len(feats) > 3 else ''})"
+              for where, feats in groups.items()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m cp2image_core.modelfile MODEL.safetensors")
+    try:
+        print(describe(read_spec(sys.argv[1])))
+    except ModelFileError as e:
+        sys.exit(str(e))

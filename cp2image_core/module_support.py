@@ -4,6 +4,7 @@ Kept apart from plugins/cp2image.py so the module stays settings and glue.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from .viz import to_rgb
 
 __all__ = [
     "CP2ImageError",
+    "check_channel_images",
     "default_model_path",
     "first_image",
     "load_synthesizer",
@@ -33,6 +35,7 @@ __all__ = [
 ]
 
 DEFAULT_MODEL = "cp2image-default.safetensors"
+LOGGER = logging.getLogger(__name__)
 
 
 def default_model_path() -> Path:
@@ -75,7 +78,11 @@ def read_feature_matrix(measurements, spec: ModelSpec, n: int) -> np.ndarray:
             raise CP2ImageError(f"CP2Image: feature {feat} of {obj} was not measured in this image set "
                                 f"(add {producer_of(feat)} for {obj} before CP2Image)")
         values = measurements.get_current_measurement(obj, feat)
-        values = np.asarray([] if values is None else values, dtype=np.float64).ravel()[:n]
+        values = np.asarray([] if values is None else values, dtype=np.float64).ravel()
+        if len(values) != n:
+            LOGGER.warning("CP2Image: %s of %s has %d values for %d objects; %s", feat, obj, len(values), n,
+                           "the missing ones are imputed" if len(values) < n else "the extra ones are ignored")
+        values = values[:n]
         raw[:len(values), j] = values
     return raw
 
@@ -173,11 +180,34 @@ def first_image(image_set, names: list[str]):
     return None
 
 
+def check_channel_images(image_set, spec: ModelSpec, shape: tuple[int, ...]) -> list[str]:
+    """Check the image set's images named like the model's channels; return the channels it lacks.
+
+    The generator needs only features, but its channels are meant to be these images (the gallery and
+    the synthetic field line up with them): a color image or another size is a clear error, not a guess.
+    """
+    missing = []
+    for name in spec.channels:
+        if name not in image_set.names:
+            missing.append(name)
+            continue
+        pixels = image_set.get_image(name).pixel_data
+        if pixels.ndim != 2:
+            raise CP2ImageError(
+                f"CP2Image: image {name!r} has {pixels.shape[-1]} channels, but the model makes one grayscale "
+                f"channel per image ({', '.join(spec.channels)}). Load {name!r} as grayscale in NamesAndTypes "
+                "or split it with ColorToGray, and name the channels as the model does.")
+        if pixels.shape != tuple(shape[:2]):
+            raise CP2ImageError(
+                f"CP2Image: image {name!r} is {pixels.shape[1]}x{pixels.shape[0]} pixels but the objects "
+                f"are on a {shape[1]}x{shape[0]} image: the model's channels must be the images the objects "
+                "were found on.")
+    return missing
+
+
 def real_crops(image_set, spec: ModelSpec, centers: np.ndarray) -> np.ndarray | None:
     """Real (N, C, S, S) crops of the model's channels, for the gallery; None if a channel is absent."""
     if not all(c in image_set.names for c in spec.channels):
         return None
-    planes = [image_set.get_image(c, must_be_grayscale=True).pixel_data for c in spec.channels]
-    if len({p.shape for p in planes}) != 1:
-        return None
+    planes = [image_set.get_image(c).pixel_data for c in spec.channels]
     return crop_objects(np.stack(planes, axis=-1), centers, spec.crop_size)

@@ -88,7 +88,11 @@ def load_synthesizer_uncached(path: str | os.PathLike, device: str = "auto") -> 
     try:
         gen.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
-        raise SpecError(f"Model file {path}: weights do not match architecture {spec.arch!r} ({e})") from None
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])
+        raise SpecError(
+            f"Model file {path}: its weights do not fit what its spec says (architecture {spec.arch!r}, "
+            f"{spec.n_features} features, {spec.n_channels} channels {', '.join(spec.channels)}, "
+            f"{spec.crop_size}-pixel crops); was the spec edited? {detail}") from None
     return Synthesizer(spec, gen, resolve_device(device))
 
 

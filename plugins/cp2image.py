@@ -278,11 +278,17 @@ class CP2Image(Module):
         synth = support.load_synthesizer(self.model_path(), DEVICES[self.device.value])
         folder = self.directory.get_absolute_path(measurements)
         image_number = measurements.image_set_number
+        labels = workspace.object_set.get_objects(objects_name).segmented
+        missing = support.check_channel_images(workspace.image_set, synth.spec, labels.shape)
+        if 0 < len(missing) < synth.spec.n_channels and not getattr(self, "_warned_channels", False):
+            self._warned_channels = True
+            LOGGER.warning("CP2Image: the model's channels %s are not images in this pipeline; the display "
+                           "shows synthetic cells only", ", ".join(missing))
         result = support.synthesize_and_write(
             synth,
             measurements,
             objects_name,
-            workspace.object_set.get_objects(objects_name).segmented,
+            labels,
             batch_size=self.batch_size.value,
             folder=folder,
             base=f"{self.file_prefix.value}_{objects_name}_ImageSet{image_number:04d}",

@@ -71,6 +71,18 @@ def test_csv_reader_reads_what_exporttospreadsheet_writes(tmp_path_factory, tabl
     assert np.isnan(_numeric(path, h, rows, "Intensity_MeanIntensity_DNA")[0])
 
 
+@pytest.mark.parametrize("encoding", ["latin-1", "cp1252", "utf-8", "utf-8-sig"])
+def test_csv_in_the_encodings_exporttospreadsheet_writes(tmp_path, encoding):
+    """CellProfiler on Windows writes the system code page: metadata like 'Größe_µm' must read back intact."""
+    path = tmp_path / "Nuclei.csv"
+    path.write_text("ImageNumber,ObjectNumber,Metadata_Plate,AreaShape_Area\n1,1,Größe_µm,310\n1,2,Größe_µm,2.5e2\n",
+                    encoding=encoding)
+    h, rows = _read_csv(path)
+    assert h == ["ImageNumber", "ObjectNumber", "Metadata_Plate", "AreaShape_Area"]
+    assert [r[2] for r in rows] == ["Größe_µm", "Größe_µm"]
+    assert _numeric(path, h, rows, "AreaShape_Area").tolist() == [310.0, 250.0]
+
+
 def test_single_image_and_constant_features_are_explained(tmp_path):
     with pytest.raises(DataError, match="at least 2 image sets"):
         split_images(np.array([1, 1, 1]), None, 0.2, 0)

@@ -128,3 +128,25 @@ def test_unknown_architecture_is_named(tmp_path):
     p = _with_spec_dict(tmp_path, json.loads(make_spec(arch="unet-9000").to_json()))
     with pytest.raises(SpecError, match="unet-9000"):
         load_synthesizer_uncached(p)
+
+
+def test_spec_channels_that_do_not_fit_the_weights_are_named(tmp_path):
+    """A spec edited to list three channels over two-channel weights: named, before any synthesis."""
+    from cp2image_core.synthesize import load_synthesizer_uncached
+
+    spec = make_spec()
+    gen = archs.build(spec.arch, spec.n_features, spec.n_channels, spec.crop_size, **spec.arch_params)
+    path = save_model(tmp_path / "m.safetensors", gen.state_dict(), make_spec(channels=["DNA", "FITC", "Actin"]))
+    with pytest.raises(SpecError, match=r"m.safetensors.*3 channels DNA, FITC, Actin.*size mismatch"):
+        load_synthesizer_uncached(path)
+
+
+def test_describe_lists_channels_and_the_modules_that_measure_the_features(tmp_path):
+    spec = make_spec()
+    gen = archs.build(spec.arch, spec.n_features, spec.n_channels, spec.crop_size, **spec.arch_params)
+    path = save_model(tmp_path / "m.safetensors", gen.state_dict(), spec)
+    out = subprocess.run([sys.executable, "-m", "cp2image_core.modelfile", str(path)], capture_output=True,
+                         text=True, check=True).stdout
+    assert "channels (grayscale images, in order): DNA, FITC" in out
+    assert "MeasureObjectSizeShape on Nuclei: 1 (AreaShape_Area)" in out
+    assert "MeasureObjectIntensity on Cells: 1 (Intensity_MeanIntensity_DNA)" in out

@@ -133,6 +133,39 @@ def test_module_per_object_files_and_no_silent_overwrite(tiny_model, fly_export,
     assert (tmp_path / files[0]).read_bytes() == before
 
 
+def test_channel_images_that_do_not_fit_the_model_stop_before_writing(tiny_model, fly_export, tmp_path):
+    spec = read_spec(tiny_model)
+    raw = real_feature_rows(fly_export, spec, [0, 1, 2])
+    labels, centers = three_objects()
+    module, ws = make_workspace(tiny_model, tmp_path, raw, spec, labels, centers)
+    ws.image_set.remove_image_provider(spec.channels[1])
+    ws.image_set.add(spec.channels[1], Image(np.zeros((*labels.shape, 3), np.float32)))  # loaded as color
+    with pytest.raises(Exception, match=rf"image '{spec.channels[1]}' has 3 channels.*ColorToGray"):
+        module.run(ws)
+    module, ws = make_workspace(tiny_model, tmp_path, raw, spec, labels, centers)
+    ws.image_set.remove_image_provider(spec.channels[0])
+    ws.image_set.add(spec.channels[0], Image(np.zeros((60, 70), np.float32)))  # another size than the objects'
+    with pytest.raises(Exception, match=rf"image '{spec.channels[0]}' is 70x60 pixels.*150x120"):
+        module.run(ws)
+    assert not list(tmp_path.iterdir())
+
+
+def test_missing_channel_images_and_short_feature_arrays(tiny_model, fly_export, tmp_path, caplog):
+    """Only features are needed: absent channel images give a synthetic-only gallery; short arrays are imputed."""
+    spec = read_spec(tiny_model)
+    raw = real_feature_rows(fly_export, spec, [0, 1])  # 2 rows of features for 3 objects
+    labels, centers = three_objects()
+    module, ws = make_workspace(tiny_model, tmp_path, raw, spec, labels, centers)
+    ws.image_set.remove_image_provider(spec.channels[-1])
+    module.show_window = True
+    module.run(ws)
+    assert list(ws.measurements.get_current_measurement("Nuclei", "CP2Image_ImputedFeatures")) == [
+        0, 0, spec.n_features]
+    assert ws.display_data.real is None and len(ws.display_data.synthetic) == 3
+    assert f"channels {spec.channels[-1]} are not images" in caplog.text
+    assert "has 2 values for 3 objects; the missing ones are imputed" in caplog.text
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the behaviour without a GPU")
 def test_gpu_only_stops_clearly_without_a_gpu_and_gpu_falls_back(tiny_model, fly_export, tmp_path, caplog):
     spec = read_spec(tiny_model)

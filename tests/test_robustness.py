@@ -58,10 +58,10 @@ class FakeMeasurements:
         return self.data.get((obj, feat))
 
 
-def test_thousands_of_objects_stream_in_bounded_memory(tiny_model, tmp_path):
+def test_ten_thousand_objects_stream_in_bounded_memory(tiny_model, tmp_path):
     spec = read_spec(tiny_model)
     synth = load_synthesizer_uncached(tiny_model, "cpu")
-    side = 60  # 3,600 objects of 3x3 pixels on a 600x600 field
+    side = 100  # 10,000 objects of 3x3 pixels on a 1000x1000 field
     labels = np.zeros((side * 10, side * 10), np.int32)
     yy, xx = np.mgrid[:side, :side]
     numbers = (yy * side + xx + 1).astype(np.int32)
