@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cp2image-installed
 
-.PHONY: install demo test lint bench train-default clean-demo
+.PHONY: install demo test lint bench train-default clean-demo gui-setup gui-screenshots
 
 install: $(STAMP)
 
@@ -27,6 +27,12 @@ bench: $(STAMP)
 
 train-default: $(STAMP)
 	bash scripts/train_default.sh
+
+gui-setup: $(STAMP)
+	bash scripts/gui_setup.sh
+
+gui-screenshots: gui-setup
+	bash scripts/gui_screenshots.sh
 
 clean-demo:
 	rm -rf output/demo

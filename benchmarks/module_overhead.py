@@ -1,10 +1,14 @@
-"""The CP2Image module's throughput inside a real headless CellProfiler run vs the raw generator.
+"""The CP2Image module's throughput inside a real headless CellProfiler run vs the raw generator and the roofline.
 
-    .venv/bin/python benchmarks/module_overhead.py [--fields 01_POS002 01_POS076 01_POS218]
+    .venv/bin/python benchmarks/module_overhead.py [--model M.safetensors | --speed-only cp2image-paper@68]
+        [--batch-size 64] [--fields 01_POS002 01_POS076 01_POS218]
 
-Runs pipelines/ExampleFly_CP2Image.cppipe headless on the ExampleFly fields, reads CellProfiler's own
-per-module wall times, and prints CP2Image's cells/s, its share of the pipeline's time, and the ratio to
-the raw generator's cells/s at the module's batch size measured right after, on the same machine.
+Runs pipelines/ExampleFly_CP2Image.cppipe headless on the ExampleFly fields (with the chosen model and batch
+size), reads CellProfiler's own per-module wall times, and prints CP2Image's cells/s, its share of the
+pipeline's time, the ratio to the raw generator's cells/s at the same batch size measured right after, and both
+as a % of the roofline: this machine's fp32 matmul rate (measured before and after the run) / dense FLOPs per
+cell. ``--speed-only ARCH@CROP`` writes a model file with fresh weights (speed does not depend on them; its
+images mean nothing) with the shipped model's features and channels.
 """
 from __future__ import annotations
 
@@ -21,20 +25,58 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from generator_throughput import _dense_flops, flops_per_cell, matmul_rate  # noqa: E402
+
+from cp2image_core import archs  # noqa: E402
 from cp2image_core.dataset import _numeric, _read_csv  # noqa: E402
+from cp2image_core.modelfile import read_spec, save_model  # noqa: E402
 from cp2image_core.report_demo import module_times  # noqa: E402
 from cp2image_core.synthesize import load_synthesizer_uncached  # noqa: E402
+
+SHIPPED = ROOT / "weights/cp2image-default.safetensors"
+
+
+def speed_only_model(item: str, folder: Path) -> Path:
+    """A model file of architecture ARCH at CROP pixels with fresh weights and the shipped model's features."""
+    import dataclasses
+
+    arch, crop = item.split("@")
+    spec = dataclasses.replace(read_spec(SHIPPED), arch=arch, arch_params={}, crop_size=int(crop),
+                               training={"note": "fresh weights, for speed measurements only"})
+    gen = archs.build(arch, spec.n_features, spec.n_channels, spec.crop_size)
+    return save_model(folder / f"speed-only-{arch}-{crop}.safetensors", gen.state_dict(), spec)
+
+
+def dense_flops(model: Path) -> float:
+    spec = read_spec(model)
+    gen = archs.build(spec.arch, spec.n_features, spec.n_channels, spec.crop_size, **spec.arch_params).eval()
+    return _dense_flops(gen, spec.n_features) if hasattr(gen, "net") else flops_per_cell(gen, spec.n_features)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--fields", nargs="+", default=["01_POS002", "01_POS076", "01_POS218"])
-    p.add_argument("--batch-size", type=int, default=64, help="the module's batch size in the demo pipeline")
+    p.add_argument("--batch-size", type=int, default=64, help="the module's batch size (the demo pipeline's: 64)")
+    p.add_argument("--model", default=str(SHIPPED), help="model file the module runs (default: the shipped one)")
+    p.add_argument("--speed-only", default=None, metavar="ARCH@CROP",
+                   help="run a fresh-weights model of this architecture and crop size instead, e.g. cp2image-paper@68")
     a = p.parse_args()
+    import torch
+
+    rate_before = matmul_rate(torch.device("cpu"))
     import cellprofiler
 
     src = Path(cellprofiler.__file__).parent / "data/examples/ExampleFly/images"
+    (ROOT / "build").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ROOT / "build") as tmp:
+        model = speed_only_model(a.speed_only, Path(tmp)) if a.speed_only else Path(a.model).resolve()
+        text = (ROOT / "pipelines/ExampleFly_CP2Image.cppipe").read_text()
+        for old, new in (("Model:Default model (shipped)", "Model:Model file"),
+                         ("Model file:\n", f"Model file:{model}\n"), ("Batch size:64", f"Batch size:{a.batch_size}")):
+            assert old in text, old
+            text = text.replace(old, new)
+        pipeline = Path(tmp) / "pipeline.cppipe"
+        pipeline.write_text(text)
         images = Path(tmp) / "images"
         images.mkdir()
         for f in a.fields:
@@ -42,26 +84,33 @@ def main() -> None:
                 shutil.copy(src / f"{f}_{ch}.TIF", images)
         t = time.time()
         proc = subprocess.run([str(Path(sys.executable).parent / "cellprofiler"), "-c", "-r", "-p",
-                               str(ROOT / "pipelines/ExampleFly_CP2Image.cppipe"), "--plugins-directory",
+                               str(pipeline), "--plugins-directory",
                                str(ROOT / "plugins"), "-i", str(images), "-o", str(Path(tmp) / "out")],
                               capture_output=True, text=True, check=True)
         wall = time.time() - t
         ih, irows = _read_csv(Path(tmp) / "out" / "Image.csv")
         cells = _numeric(Path(tmp) / "out" / "Image.csv", ih, irows, "CP2Image_Count_Nuclei")
+        flops = dense_flops(model)
+        synth = load_synthesizer_uncached(model, "auto")
     times = module_times(proc.stdout + proc.stderr)
     cp = np.array(times["CP2Image"])
     total = sum(sum(v) for v in times.values())
     module_rate = cells.sum() / cp.sum()
-    synth = load_synthesizer_uncached(ROOT / "weights/cp2image-default.safetensors", "auto")
     z = np.random.default_rng(0).standard_normal((int(cells.sum()), synth.spec.n_features)).astype(np.float32)
     synth.generate(z[: a.batch_size], a.batch_size)
     t = time.perf_counter()
     synth.generate(z, a.batch_size)
     raw_rate = len(z) / (time.perf_counter() - t)
+    rate = (rate_before + matmul_rate(torch.device("cpu"))) / 2
+    roof = rate / flops
+    print(f"model {model.name} [{synth.spec.arch}] {synth.spec.n_channels}x{synth.spec.crop_size}x"
+          f"{synth.spec.crop_size}, {flops / 1e6:.0f} MFLOP/cell dense; fp32 matmul {rate / 1e9:.0f} GFLOP/s "
+          f"({torch.get_num_threads()} threads) -> roofline {roof:.0f} cells/s")
     print(f"{int(cells.sum())} cells in {len(cp)} image sets; whole headless run {wall:.0f} s")
     print(f"CP2Image module: {cp.mean():.2f} s per image set, {module_rate:.0f} cells/s "
-          f"({100 * cp.sum() / total:.1f}% of the pipeline's module time)")
-    print(f"raw generator at batch {a.batch_size}: {raw_rate:.0f} cells/s; module / raw = {module_rate / raw_rate:.2f} "
+          f"({100 * cp.sum() / total:.1f}% of the pipeline's module time), {100 * module_rate / roof:.0f}% of roofline")
+    print(f"raw generator at batch {a.batch_size}: {raw_rate:.0f} cells/s ({100 * raw_rate / roof:.0f}% of roofline)")
+    print(f"module / raw = {module_rate / raw_rate:.2f} "
           f"(overhead {100 * (raw_rate / module_rate - 1):.0f}%)")
 
 

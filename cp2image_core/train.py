@@ -28,6 +28,7 @@ from .archs.critic import build_critic
 from .dataset import build_training_set
 from .errors import CP2ImageError
 from .features import fit_standardizer, standardize
+from .losses import intensity_distribution_loss, texture_loss
 from .modelfile import save_model
 from .spec import ModelSpec
 from .synthesize import build_generator, resolve_device
@@ -75,6 +76,13 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--feature-loss", type=float, default=0.0,
                    help="weight of the feature-encoder loss: a CNN pre-trained to read the features from real "
                         "crops must read the same from the synthesized crop (0: off)")
+    m.add_argument("--texture-loss", type=float, default=0.0,
+                   help="weight of the co-occurrence moment loss at --texture-scale inside the object mask (what "
+                        "MeasureTexture's Haralick features are made of; needs --mask-image; 0: off)")
+    m.add_argument("--texture-scale", type=int, default=3, help="MeasureTexture's scale, pixels")
+    m.add_argument("--intensity-loss", type=float, default=0.0,
+                   help="weight of the loss on intensity quantiles (min, quartiles, max) inside the object mask "
+                        "(what MeasureObjectIntensity reports; needs --mask-image; 0: off)")
     m.add_argument("--encoder-steps", type=int, default=600, help="pre-training steps of the feature encoder")
     m.add_argument("--adv-start", type=int, default=500, help="step at which adversarial terms switch on")
     m.add_argument("--fm-ramp", type=int, default=2500,
@@ -193,8 +201,11 @@ def train(args: argparse.Namespace) -> int:
     z_all, _ = standardize(ts.features, spec)
     z_all = torch.from_numpy(z_all)
     x_all = torch.from_numpy(ts.crops)
-    w_all = (1.0 + args.mask_weight * torch.from_numpy(ts.masks).float()[:, None] if ts.masks is not None
-             else torch.ones(len(ts.crops), 1, 1, 1))
+    if (args.texture_loss or args.intensity_loss) and ts.masks is None:
+        raise CP2ImageError("--texture-loss and --intensity-loss compare crops inside the object's mask: name the "
+                            "exported label image with --mask-image (e.g. NucleiLabels)")
+    m_all = torch.from_numpy(ts.masks).float()[:, None] if ts.masks is not None else None
+    w_all = 1.0 + args.mask_weight * m_all if m_all is not None else torch.ones(len(ts.crops), 1, 1, 1)
     if rank == 0:
         dropped = {k: len(v) for k, v in ts.dropped.items() if v}
         print(f"training set: {len(train_idx)} train / {len(val_idx)} val cells, {spec.n_features} features "
@@ -264,6 +275,14 @@ def train(args: argparse.Namespace) -> int:
             else:
                 loss_g = (w * (fake.float() - x).abs()).mean() / w.mean()
             logs["pixel"] = loss_g.item()
+            if args.texture_loss:
+                tex = texture_loss(fake, x, m_all[idx].to(device), args.texture_scale)
+                loss_g = loss_g + args.texture_loss * tex
+                logs["tex"] = tex.item()
+            if args.intensity_loss:
+                dist_loss = intensity_distribution_loss(fake, x, m_all[idx].to(device))
+                loss_g = loss_g + args.intensity_loss * dist_loss
+                logs["int"] = dist_loss.item()
             if encoder is not None:
                 with torch.no_grad():
                     target = encoder(x)

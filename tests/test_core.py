@@ -103,4 +103,12 @@ def test_fast_paper_generator_equals_the_dense_one():
         fast = gen(z)
     assert fast.shape == dense.shape == (6, 3, 68, 68)
     assert torch.allclose(fast, dense, atol=1e-5, rtol=1e-4)
+    # folded weights are cached: a weight changed in place (training, load_state_dict) invalidates them
+    with torch.no_grad():
+        gen.net[11].weight.mul_(1.5)
+        gen.net[12].running_var.mul_(0.5)
+        dense2 = gen.net(z[:, :, None, None])
+        fast2 = gen.to(memory_format=torch.channels_last)(z)
+    assert not torch.allclose(dense2, dense, atol=1e-3)
+    assert torch.allclose(fast2, dense2, atol=1e-5, rtol=1e-4) and fast2.is_contiguous()
     assert not archs.build("cp2image-paper", 40, 3, 64).exact_doubling  # other sizes use the dense path

@@ -60,26 +60,44 @@ class PaperGenerator(nn.Module):
 
         The first conv sees one non-zero pixel of its padded input: a matrix product. Each x2 nearest
         up-sampling + 5x5 conv becomes four 3x3 convs (one per output phase) on the low-resolution map:
-        9 instead of 25 multiply-adds per output. About 2.9x fewer FLOPs at 68x68.
+        9 instead of 25 multiply-adds per output, about 2.9x fewer FLOPs at 68x68. Batch norms are folded
+        into the convs once (cached until a weight changes); maps stay channels-last for the CPU's conv kernels.
         """
+        w1, b1, phases, (w_out, b_out) = self._folded()
+        x = torch.addmm(b1, z, w1).view(len(z), 5, 5, -1).permute(0, 3, 1, 2)  # channels-last (N, C, 5, 5)
+        x = F.leaky_relu(x, 0.01)
+        for k, b in phases:
+            y = F.conv2d(F.pad(x, (2, 2, 2, 2)), k, b)  # (N, 4C, h, w), channel = c*4 + row phase*2 + col phase
+            x = F.leaky_relu(F.pixel_shuffle(y, 2), 0.01, inplace=True)
+        return F.relu(F.conv2d(x, w_out, b_out), inplace=True).contiguous()
+
+    def _folded(self):
+        """Eval-mode weights with batch norm folded in, phase kernels built; recomputed when weights change."""
+        w0 = self.net[1].weight
+        key = (*(t._version for t in (*self.parameters(), *self.buffers())), w0.device, w0.dtype)
+        cache = getattr(self, "_fast_cache", None)
+        if cache is not None and cache[0] == key:
+            return cache[1]
         net = self.net
-        conv1 = net[1]
-        w = conv1.weight.flip(2, 3)  # out[:, i, j] = W[:, :, 4 - i, 4 - j] @ z
-        x = (z @ w.permute(1, 0, 2, 3).reshape(z.shape[1], -1)).view(-1, w.shape[0], 5, 5)
-        x = net[3](net[2](x + conv1.bias[None, :, None, None]))
-        for conv, bn, act in ((net[6], net[7], net[8]), (net[11], net[12], net[13]), (net[16], net[17], net[18])):
-            x = act(bn(_upsample2_conv5(x, conv.weight, conv.bias)))
-        return net[21](net[20](net[19](x)))
+        with torch.no_grad():
+            def fold(conv, bn):
+                scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+                return conv.weight * scale[:, None, None, None], (conv.bias - bn.running_mean) * scale + bn.bias
 
-
-def _upsample2_conv5(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """conv5x5(zero_pad(upsample_nearest_x2(x), 4)) computed as four 3x3 phase convolutions."""
-    g = _PHASE.to(weight)
-    co = weight.shape[0]
-    k = torch.einsum("pau,oiuv,qbv->pqoiab", g, weight, g).reshape(4 * co, weight.shape[1], 3, 3)
-    y = F.conv2d(F.pad(x, (2, 2, 2, 2)), k, bias.repeat(4))
-    n, _, h, w = y.shape
-    return y.view(n, 2, 2, co, h, w).permute(0, 3, 4, 1, 5, 2).reshape(n, co, 2 * h, 2 * w)
+            w, b = fold(net[1], net[2])
+            co = w.shape[0]
+            w1 = w.flip(2, 3).permute(1, 2, 3, 0).reshape(w.shape[1], 25 * co)  # z @ w1 -> (N, 5, 5, C)
+            b1 = b.repeat(25)
+            g = _PHASE.to(w)
+            phases = []
+            for conv, bn in ((net[6], net[7]), (net[11], net[12]), (net[16], net[17])):
+                w, b = fold(conv, bn)
+                k = torch.einsum("pau,oiuv,qbv->opqiab", g, w, g).reshape(4 * w.shape[0], w.shape[1], 3, 3)
+                phases.append((k.contiguous(memory_format=torch.channels_last), b.repeat_interleave(4)))
+            w_out, b_out = fold(net[19], net[20])
+            out = (w1, b1, phases, (w_out.contiguous(memory_format=torch.channels_last), b_out))
+        self._fast_cache = (key, out)
+        return out
 
 
 class PaperDiscriminator(nn.Module):
