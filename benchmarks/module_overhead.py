@@ -91,7 +91,9 @@ def main() -> None:
         ih, irows = _read_csv(Path(tmp) / "out" / "Image.csv")
         cells = _numeric(Path(tmp) / "out" / "Image.csv", ih, irows, "CP2Image_Count_Nuclei")
         flops = dense_flops(model)
+        t = time.perf_counter()
         synth = load_synthesizer_uncached(model, "auto")
+        load_s = time.perf_counter() - t
     times = module_times(proc.stdout + proc.stderr)
     cp = np.array(times["CP2Image"])
     total = sum(sum(v) for v in times.values())
@@ -110,6 +112,7 @@ def main() -> None:
     print(f"CP2Image module: {cp.mean():.2f} s per image set, {module_rate:.0f} cells/s "
           f"({100 * cp.sum() / total:.1f}% of the pipeline's module time), {100 * module_rate / roof:.0f}% of roofline")
     print(f"raw generator at batch {a.batch_size}: {raw_rate:.0f} cells/s ({100 * raw_rate / roof:.0f}% of roofline)")
+    print(f"model load (file to ready generator): {load_s:.2f} s")
     print(f"module / raw = {module_rate / raw_rate:.2f} "
           f"(overhead {100 * (raw_rate / module_rate - 1):.0f}%)")
 

@@ -62,6 +62,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--val-fraction", type=float, default=0.2, help="fraction of images held out")
     m = p.add_argument_group("model and optimization")
     m.add_argument("--arch", default=archs.DEFAULT_ARCH, choices=archs.available(), help="generator architecture")
+    m.add_argument("--arch-param", nargs="+", default=[], metavar="KEY=INT",
+                   help="architecture settings, e.g. width=64 hidden=512 for cp2image-decoder (default: its own)")
     m.add_argument("--loss", default=None, choices=["l1", "adversarial", "paper"],
                    help="l1: pixel loss only; adversarial: L1 + patch critic (hinge) + feature matching; "
                         "paper: the CP2Image losses and schedule (default: paper for cp2image-paper, else adversarial)")
@@ -188,6 +190,11 @@ def train(args: argparse.Namespace) -> int:
     mean, std = fit_standardizer(ts.features[train_idx])
     torch.manual_seed(args.seed)
     arch_params = {}
+    for item in args.arch_param:
+        key, _, value = item.partition("=")
+        if not value.lstrip("-").isdigit():
+            raise CP2ImageError(f"--arch-param {item!r}: expected KEY=INTEGER, e.g. width=64")
+        arch_params[key] = int(value)
     spec = ModelSpec(
         arch=args.arch, arch_params=arch_params, object_name=ts.object_name,
         features=ts.feature_names, feature_mean=mean.tolist(), feature_std=std.tolist(),
