@@ -36,6 +36,13 @@ from .synthesize import build_generator, resolve_device
 log = logging.getLogger("cp2image.train")
 
 
+def _key_int(item: str) -> tuple[str, int]:
+    key, _, value = item.partition("=")
+    if not key or not value.lstrip("-").isdigit():
+        raise argparse.ArgumentTypeError(f"{item!r}: expected KEY=INTEGER, e.g. width=64")
+    return key, int(value)
+
+
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m cp2image_core.train",
@@ -62,7 +69,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--val-fraction", type=float, default=0.2, help="fraction of images held out")
     m = p.add_argument_group("model and optimization")
     m.add_argument("--arch", default=archs.DEFAULT_ARCH, choices=archs.available(), help="generator architecture")
-    m.add_argument("--arch-param", nargs="+", default=[], metavar="KEY=INT",
+    m.add_argument("--arch-param", nargs="+", default=[], metavar="KEY=INT", type=_key_int,
                    help="architecture settings, e.g. width=64 hidden=512 for cp2image-decoder (default: its own)")
     m.add_argument("--loss", default=None, choices=["l1", "adversarial", "paper"],
                    help="l1: pixel loss only; adversarial: L1 + patch critic (hinge) + feature matching; "
@@ -189,12 +196,7 @@ def train(args: argparse.Namespace) -> int:
                             "both must be > 0 (check --val-images / --val-fraction)")
     mean, std = fit_standardizer(ts.features[train_idx])
     torch.manual_seed(args.seed)
-    arch_params = {}
-    for item in args.arch_param:
-        key, _, value = item.partition("=")
-        if not value.lstrip("-").isdigit():
-            raise CP2ImageError(f"--arch-param {item!r}: expected KEY=INTEGER, e.g. width=64")
-        arch_params[key] = int(value)
+    arch_params = dict(args.arch_param)
     spec = ModelSpec(
         arch=args.arch, arch_params=arch_params, object_name=ts.object_name,
         features=ts.feature_names, feature_mean=mean.tolist(), feature_std=std.tolist(),

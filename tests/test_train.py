@@ -143,3 +143,43 @@ def test_cli_help_and_error_exit(tmp_path):
                            "--channels", "DNA", "--out", str(tmp_path / "m.safetensors")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Image.csv not found" in proc.stderr
+
+
+def test_texture_and_intensity_losses_measure_what_cellprofiler_measures():
+    """The loss statistics equal their definitions on masked pixel pairs (CellProfiler's scale-3 offsets)."""
+    from cp2image_core.losses import masked_quantiles, texture_loss, texture_stats
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 1, 24, 24, generator=g)
+    mask = torch.zeros(2, 1, 24, 24)
+    mask[:, :, 4:20, 3:18] = 1
+    a = x[0, 0].numpy()
+    m = mask[0, 0].numpy() > 0
+    for d, (dy, dx) in enumerate(((0, 3), (3, 3), (3, 0), (3, -3))):
+        pairs = np.array([(a[i, j], a[i + dy, j + dx]) for i in range(24 - dy) for j in range(24)
+                          if 0 <= j + dx < 24 and m[i, j] and m[i + dy, j + dx]])
+        p, q = pairs[:, 0], pairs[:, 1]
+        want = [(p.mean() + q.mean()) / 2, (p.var() + q.var()) / 2, ((p - q) ** 2).mean(),
+                np.corrcoef(p, q)[0, 1], (p + q).var()]
+        assert np.allclose(texture_stats(x, mask)[0, 0, d].numpy(), want, rtol=1e-3, atol=1e-6), d
+    inside = np.sort(a[m])
+    got = masked_quantiles(x, mask, torch.tensor([0.0, 0.5, 1.0]))[0, 0].numpy()
+    assert np.allclose(got, [inside[0], inside[round(0.5 * (len(inside) - 1))], inside[-1]])
+    assert texture_loss(x, x, mask) == 0
+    assert texture_loss(0.5 + 0.1 * x, x, mask) > 0.5  # lower contrast is penalised
+
+
+def test_decoder_trains_with_texture_losses_and_arch_params(fly_export, tmp_path, capsys):
+    out = tmp_path / "tex.safetensors"
+    common = ["--export-dir", str(fly_export), *ARGS, "--crop-size", "32", "--steps", "4", "--batch-size", "8",
+              "--val-every", "2", "--loss", "l1", "--texture-loss", "0.1", "--intensity-loss", "0.1"]
+    assert train_main([*common, "--out", str(out)]) == 2
+    assert "name the exported label image with --mask-image" in capsys.readouterr().err
+    assert train_main([*common, "--mask-image", "NucleiLabels", "--arch-param", "width=32", "hidden=64",
+                       "--out", str(out)]) == 0
+    spec, _ = load_model(out)
+    assert spec.arch_params == {"width": 32, "hidden": 64}
+    history = json.loads((Path(f"{out}.run") / "history.json").read_text())
+    assert {"train_tex", "train_int"} <= set(history[-1])
+    with pytest.raises(SystemExit):
+        train_main([*common, "--arch-param", "width", "--out", str(out)])
