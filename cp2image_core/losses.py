@@ -6,7 +6,9 @@ crop on the statistics those measurements are made of, without asking for pixel-
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 # MeasureTexture's offsets at scale d: right, down-right, down, down-left (CellProfiler's 00, 01, 02, 03)
 _EPS = 1e-6
@@ -76,3 +78,39 @@ def intensity_distribution_loss(fake: torch.Tensor, real: torch.Tensor, mask: to
     qr = masked_quantiles(real.float(), mask, QUANTILES)
     scale = qr[..., 3:4].abs().clamp_min(1e-3)
     return ((qf - qr).abs() / scale).mean()
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+    """skimage.filters.gaussian's default (truncate 4, edge mode 'nearest') for (N, 1, H, W)."""
+    r = int(4 * sigma + 0.5)
+    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    x = F.pad(x, (r, r, r, r), mode="replicate")
+    return F.conv2d(F.conv2d(x, k.view(1, 1, 1, -1)), k.view(1, 1, -1, 1))
+
+
+def otsu_targets(crops: np.ndarray, channel: int = 0, sigma: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Per real crop: the Otsu threshold of its blurred ``channel`` and the hole-filled foreground, as the
+    evaluation segments crops before measuring their shape (cp2image_core.evaluate.remeasure.segment)."""
+    from scipy import ndimage
+    from skimage.filters import gaussian, threshold_otsu
+
+    thresholds = np.zeros(len(crops), np.float32)
+    fg = np.zeros((len(crops), *crops.shape[-2:]), bool)
+    for i, crop in enumerate(crops):
+        img = gaussian(crop[channel], sigma=sigma)
+        if img.max() > img.min():
+            thresholds[i] = threshold_otsu(img)
+            fg[i] = ndimage.binary_fill_holes(img > thresholds[i])
+    return thresholds, fg
+
+
+def shape_loss(fake: torch.Tensor, thresholds: torch.Tensor, fg: torch.Tensor, channel: int = 0,
+               sigma: float = 1.0) -> torch.Tensor:
+    """Cross-entropy between the synthesized crop's soft foreground at the real crop's Otsu threshold and the real
+    foreground: the segmentation that MeasureObjectSizeShape then measures should have the real outline."""
+    blurred = _gaussian_blur(fake[:, channel:channel + 1].float(), sigma)[:, 0]
+    t = thresholds.view(-1, 1, 1)
+    logits = (blurred - t) / (0.1 * t).clamp_min(1e-3)
+    return F.binary_cross_entropy_with_logits(logits, fg.float())

@@ -28,8 +28,8 @@ from .archs.critic import build_critic
 from .dataset import build_training_set
 from .errors import CP2ImageError
 from .features import fit_standardizer, standardize
-from .losses import intensity_distribution_loss, texture_loss
-from .modelfile import save_model
+from .losses import intensity_distribution_loss, otsu_targets, shape_loss, texture_loss
+from .modelfile import load_model, save_model
 from .spec import ModelSpec
 from .synthesize import build_generator, resolve_device
 
@@ -92,6 +92,11 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--intensity-loss", type=float, default=0.0,
                    help="weight of the loss on intensity quantiles (min, quartiles, max) inside the object mask "
                         "(what MeasureObjectIntensity reports; needs --mask-image; 0: off)")
+    m.add_argument("--shape-loss", type=float, default=0.0,
+                   help="weight of the loss between the synthesized first channel's soft foreground at the real crop's "
+                        "Otsu threshold and the real foreground (what the evaluation segments and measures; 0: off)")
+    m.add_argument("--init-from", default=None,
+                   help="start from this model file's generator weights (fine-tuning; same architecture and features)")
     m.add_argument("--encoder-steps", type=int, default=600, help="pre-training steps of the feature encoder")
     m.add_argument("--adv-start", type=int, default=500, help="step at which adversarial terms switch on")
     m.add_argument("--fm-ramp", type=int, default=2500,
@@ -221,8 +226,19 @@ def train(args: argparse.Namespace) -> int:
               f"(dropped: {dropped}), {spec.n_channels} channels, {args.crop_size}px crops; "
               f"{args.arch} with {loss_kind} loss on {device} x{world}")
 
+    if args.shape_loss:
+        thr, fg = otsu_targets(ts.crops)
+        thr_all, fg_all = torch.from_numpy(thr), torch.from_numpy(fg)
+
     # ---- models and optimizers
     gen = build_generator(spec).to(device)
+    if args.init_from:
+        init_spec, tensors = load_model(args.init_from)
+        if (init_spec.arch, init_spec.arch_params, init_spec.features, init_spec.channels, init_spec.crop_size) != (
+                spec.arch, spec.arch_params, spec.features, spec.channels, spec.crop_size):
+            raise CP2ImageError(f"--init-from {args.init_from}: its architecture, features, channels or crop size "
+                                "differ from this training run's")
+        gen.load_state_dict(tensors)
     critic = build_critic(args.arch, spec.n_channels).to(device) if loss_kind != "l1" else None
     ema = AveragedModel(gen, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
     if world > 1:
@@ -288,6 +304,10 @@ def train(args: argparse.Namespace) -> int:
                 tex = texture_loss(fake, x, m_all[idx].to(device), args.texture_scale)
                 loss_g = loss_g + args.texture_loss * tex
                 logs["tex"] = tex.item()
+            if args.shape_loss:
+                shp = shape_loss(fake, thr_all[idx].to(device), fg_all[idx].to(device))
+                loss_g = loss_g + args.shape_loss * shp
+                logs["shape"] = shp.item()
             if args.intensity_loss:
                 dist_loss = intensity_distribution_loss(fake, x, m_all[idx].to(device))
                 loss_g = loss_g + args.intensity_loss * dist_loss

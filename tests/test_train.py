@@ -183,3 +183,11 @@ def test_decoder_trains_with_texture_losses_and_arch_params(fly_export, tmp_path
     assert {"train_tex", "train_int"} <= set(history[-1])
     with pytest.raises(SystemExit):
         train_main([*common, "--arch-param", "width", "--out", str(out)])
+    # fine-tuning from a model file, with the shape loss; a model of another architecture is refused
+    tuned = tmp_path / "tuned.safetensors"
+    args = [*common, "--mask-image", "NucleiLabels", "--shape-loss", "0.1", "--init-from", str(out), "--steps", "2"]
+    assert train_main([*args, "--arch-param", "width=32", "hidden=64", "--out", str(tuned)]) == 0
+    assert "train_shape" in json.loads((Path(f"{tuned}.run") / "history.json").read_text())[-1]
+    capsys.readouterr()
+    assert train_main([*args, "--out", str(tmp_path / "other.safetensors")]) == 2
+    assert "differ from this training run's" in capsys.readouterr().err
