@@ -7,8 +7,8 @@ CellProfiler preferences are untouched. In one GUI process it:
 2. selects CP2Image in the demo pipeline: its settings panel                       -> 2-settings.png
 3. runs one image set (ExampleFly 01_POS002) in test mode up to CP2Image, whose
    display window shows real vs synthesized cells                                  -> 3-display.png
-4. removes MeasureTexture from the pipeline: CP2Image's validation error as the
-   GUI shows it (red module in the list, message in the settings panel)            -> 4-validation-error.png
+4. removes MeasureTexture from the pipeline: CP2Image is flagged in the module list
+   (its message is the flag's tooltip)                                             -> 4-validation-error.png
 
 and writes what it saw to gui-check.json (read by tests/test_gui.py). Exit status 0 only if every step worked.
 """
@@ -61,8 +61,8 @@ def main() -> int:
     prefs.set_show_exiting_test_mode_dlg(False)
     prefs.set_plugin_directory(str(ROOT / "plugins"), globally=False)
     prefs.set_default_image_directory(str(images))
-    prefs.set_default_output_directory(str(work / "output"))
     (work / "output").mkdir()
+    prefs.set_default_output_directory(str(work / "output"))
 
     import wx
     from cellprofiler.gui.app import App

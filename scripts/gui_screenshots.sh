@@ -14,6 +14,6 @@ Xvfb ":$DISPLAY_NUM" -screen 0 1600x1000x24 -nolisten tcp >/dev/null 2>&1 &
 XVFB=$!
 FAKE_HOME=$(mktemp -d)
 trap 'kill $XVFB 2>/dev/null || true; rm -rf "$FAKE_HOME"' EXIT
-for _ in $(seq 50); do [ -e "/tmp/.X11-unix/X$DISPLAY_NUM" ] && break; sleep 0.1; done
+for _ in $(seq 100); do xdpyinfo -display ":$DISPLAY_NUM" >/dev/null 2>&1 && break; sleep 0.1; done
 DISPLAY=":$DISPLAY_NUM" HOME="$FAKE_HOME" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" \
   "$VENV/bin/python" scripts/gui_screenshots.py "$@"
