@@ -300,18 +300,17 @@ def train(args: argparse.Namespace) -> int:
             else:
                 loss_g = (w * (fake.float() - x).abs()).mean() / w.mean()
             logs["pixel"] = loss_g.item()
+            mask = m_all[idx].to(device) if m_all is not None else None
+            terms = {}  # name -> (weight, value): the losses aimed at what CellProfiler re-measures
             if args.texture_loss:
-                tex = texture_loss(fake, x, m_all[idx].to(device), args.texture_scale)
-                loss_g = loss_g + args.texture_loss * tex
-                logs["tex"] = tex.item()
-            if args.shape_loss:
-                shp = shape_loss(fake, thr_all[idx].to(device), fg_all[idx].to(device))
-                loss_g = loss_g + args.shape_loss * shp
-                logs["shape"] = shp.item()
+                terms["tex"] = args.texture_loss, texture_loss(fake, x, mask, args.texture_scale)
             if args.intensity_loss:
-                dist_loss = intensity_distribution_loss(fake, x, m_all[idx].to(device))
-                loss_g = loss_g + args.intensity_loss * dist_loss
-                logs["int"] = dist_loss.item()
+                terms["int"] = args.intensity_loss, intensity_distribution_loss(fake, x, mask)
+            if args.shape_loss:
+                terms["shape"] = args.shape_loss, shape_loss(fake, thr_all[idx].to(device), fg_all[idx].to(device))
+            for name, (weight, value) in terms.items():
+                loss_g = loss_g + weight * value
+                logs[name] = value.item()
             if encoder is not None:
                 with torch.no_grad():
                     target = encoder(x)
