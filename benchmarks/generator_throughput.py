@@ -87,6 +87,7 @@ def main() -> None:
     device = resolve_device(a.device)
     rate = matmul_rate(device)
     print(f"device {device}, {torch.get_num_threads()} threads; fp32 2048^2 matmul: {rate / 1e9:.0f} GFLOP/s")
+    best: dict[str, float] = {}  # best cells/s over batch sizes, per model and per speed-only path
     for m in a.models:
         spec = read_spec(m)
         synth = load_synthesizer_uncached(m, a.device)
@@ -98,6 +99,7 @@ def main() -> None:
         print("batch  cells/s  % of roofline")
         for b in a.batches:
             c = cells_per_s(synth, b)
+            best[Path(m).name] = max(best.get(Path(m).name, 0.0), c)
             print(f"{b:5d}  {c:7.0f}  {100 * c / roof:6.1f}%")
     n_features = read_spec(a.models[0]).n_features
     for item in a.speed_only:
@@ -112,7 +114,15 @@ def main() -> None:
         print("batch  " + "  ".join(f"{k:>10s} cells/s (% roofline)" for k in paths))
         for b in a.batches:
             rates = [time_module(fn, n_features, b) for fn in paths.values()]
+            for k, r in zip(paths, rates):
+                best[f"{arch} {k}"] = max(best.get(f"{arch} {k}", 0.0), r)
             print(f"{b:5d}  " + "  ".join(f"{r:18.0f} ({100 * r / roof:5.1f}%)" for r in rates))
+
+    if len(best) > 1:
+        top = max(best.values())
+        print("\nbest cells/s over the batch sizes, and as a fraction of the fastest:")
+        for k, v in sorted(best.items(), key=lambda kv: -kv[1]):
+            print(f"  {k:45s} {v:7.0f}  {v / top:5.2f}")
 
 
 if __name__ == "__main__":

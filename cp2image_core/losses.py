@@ -6,7 +6,6 @@ crop on the statistics those measurements are made of, without asking for pixel-
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -90,27 +89,39 @@ def _gaussian_blur(x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
     return F.conv2d(F.conv2d(x, k.view(1, 1, 1, -1)), k.view(1, 1, -1, 1))
 
 
-def otsu_targets(crops: np.ndarray, channel: int = 0, sigma: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """Per real crop: the Otsu threshold of its blurred ``channel`` and the hole-filled foreground, as the
-    evaluation segments crops before measuring their shape (cp2image_core.evaluate.remeasure.segment)."""
-    from scipy import ndimage
-    from skimage.filters import gaussian, threshold_otsu
+@torch.no_grad()
+def otsu_threshold(x: torch.Tensor, bins: int = 256) -> torch.Tensor:
+    """(N,) Otsu threshold of each image in (N, H, W), as skimage.filters.threshold_otsu computes it (a histogram
+    of ``bins`` equal bins over the image's range; the threshold is a bin centre). No gradient."""
+    n = x.shape[0]
+    flat = x.reshape(n, -1).float()
+    lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+    width = ((hi - lo) / bins).clamp_min(1e-12)
+    idx = ((flat - lo) / width).long().clamp(0, bins - 1)
+    hist = torch.zeros(n, bins, device=x.device).scatter_add_(1, idx, torch.ones_like(flat))
+    centres = lo + width * (torch.arange(bins, device=x.device) + 0.5)
+    w1 = hist.cumsum(1)
+    w2 = hist.flip(1).cumsum(1).flip(1)
+    m1 = (hist * centres).cumsum(1) / w1.clamp_min(1)
+    m2 = (hist * centres).flip(1).cumsum(1).flip(1) / w2.clamp_min(1)
+    between = w1[:, :-1] * w2[:, 1:] * (m1[:, :-1] - m2[:, 1:]) ** 2
+    return centres.gather(1, between.argmax(1, keepdim=True))[:, 0]
 
-    thresholds = np.zeros(len(crops), np.float32)
-    fg = np.zeros((len(crops), *crops.shape[-2:]), bool)
-    for i, crop in enumerate(crops):
-        img = gaussian(crop[channel], sigma=sigma)
-        if img.max() > img.min():
-            thresholds[i] = threshold_otsu(img)
-            fg[i] = ndimage.binary_fill_holes(img > thresholds[i])
-    return thresholds, fg
 
+def outline_loss(fake: torch.Tensor, mask: torch.Tensor, channel: int = 0, sigma: float = 1.0,
+                 ring: int = 3) -> torch.Tensor:
+    """Cross-entropy of the synthesized crop's soft Otsu foreground against the object's own mask.
 
-def shape_loss(fake: torch.Tensor, thresholds: torch.Tensor, fg: torch.Tensor, channel: int = 0,
-               sigma: float = 1.0) -> torch.Tensor:
-    """Cross-entropy between the synthesized crop's soft foreground at the real crop's Otsu threshold and the real
-    foreground: the segmentation that MeasureObjectSizeShape then measures should have the real outline."""
+    The evaluation measures shape on an Otsu segmentation of the synthesized ``channel`` (blurred by ``sigma``,
+    its own threshold), so pixels of the object should lie above that threshold and a ``ring`` of pixels around it
+    below: the segmented outline is then the object's, not one merged with a touching neighbour. Pixels farther
+    out (neighbours) are left to the other losses.
+    """
     blurred = _gaussian_blur(fake[:, channel:channel + 1].float(), sigma)[:, 0]
-    t = thresholds.view(-1, 1, 1)
-    logits = (blurred - t) / (0.1 * t).clamp_min(1e-3)
-    return F.binary_cross_entropy_with_logits(logits, fg.float())
+    t = otsu_threshold(blurred).view(-1, 1, 1)
+    inside = mask[:, 0] > 0.5
+    around = (F.max_pool2d(mask.float(), 2 * ring + 1, stride=1, padding=ring)[:, 0] > 0.5) & ~inside
+    logits = (blurred - t) / (0.1 * t.abs()).clamp_min(1e-3)
+    weight = (inside | around).float()
+    bce = F.binary_cross_entropy_with_logits(logits, inside.float(), weight=weight, reduction="sum")
+    return bce / weight.sum().clamp_min(1.0)

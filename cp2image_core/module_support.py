@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,32 @@ class Synthesized:
     gallery: np.ndarray  # (k, C, S, S) the first synthesized images, for the module's display
 
 
+_OPEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # measurements store -> {feature: open dataset}
+
+
+def current_values(measurements, obj: str, feat: str):
+    """One feature's values for the objects of the current image set, as ``get_current_measurement`` gives them.
+
+    CellProfiler opens the feature's HDF5 dataset through three groups on every call (≈0.4 ms in a pipeline: for a
+    658-feature model a fifth of CP2Image's time). The open dataset is kept per measurements store instead, and
+    dropped when CellProfiler deletes or rewrites the feature (it replaces the feature's index then).
+    """
+    store = getattr(measurements, "hdf5_dict", None)
+    index = getattr(store, "indices", {}).get((obj, feat))
+    where = index.get(measurements.image_set_number) if isinstance(index, dict) else None
+    if where is None or not isinstance(where[0], slice):
+        return measurements.get_current_measurement(obj, feat)
+    with store.lock:
+        handles = _OPEN.setdefault(store, {})
+        cached = handles.get((obj, feat))
+        if cached is None or cached[0] is not index:
+            dataset = store.get_dataset(obj, feat)
+            cached = handles[(obj, feat)] = (index, dataset, dataset.dtype.kind)
+        if cached[2] not in "fiub":
+            return measurements.get_current_measurement(obj, feat)
+        return cached[1][where[0]]
+
+
 def read_feature_matrix(measurements, spec: ModelSpec, n: int) -> np.ndarray:
     """(n, F) raw features of objects 1..n in spec order; other object sets joined by object number."""
     raw = np.full((n, spec.n_features), np.nan)
@@ -77,7 +104,7 @@ def read_feature_matrix(measurements, spec: ModelSpec, n: int) -> np.ndarray:
         if not measurements.has_feature(obj, feat):
             raise CP2ImageError(f"CP2Image: feature {feat} of {obj} was not measured in this image set "
                                 f"(add {producer_of(feat)} for {obj} before CP2Image)")
-        values = measurements.get_current_measurement(obj, feat)
+        values = current_values(measurements, obj, feat)
         values = np.asarray([] if values is None else values, dtype=np.float64).ravel()
         if len(values) != n:
             LOGGER.warning("CP2Image: %s of %s has %d values for %d objects; %s", feat, obj, len(values), n,

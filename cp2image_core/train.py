@@ -28,7 +28,7 @@ from .archs.critic import build_critic
 from .dataset import build_training_set
 from .errors import CP2ImageError
 from .features import fit_standardizer, standardize
-from .losses import intensity_distribution_loss, otsu_targets, shape_loss, texture_loss
+from .losses import intensity_distribution_loss, outline_loss, texture_loss
 from .modelfile import load_model, save_model
 from .spec import ModelSpec
 from .synthesize import build_generator, resolve_device
@@ -93,8 +93,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="weight of the loss on intensity quantiles (min, quartiles, max) inside the object mask "
                         "(what MeasureObjectIntensity reports; needs --mask-image; 0: off)")
     m.add_argument("--shape-loss", type=float, default=0.0,
-                   help="weight of the loss between the synthesized first channel's soft foreground at the real crop's "
-                        "Otsu threshold and the real foreground (what the evaluation segments and measures; 0: off)")
+                   help="weight of the outline loss: the synthesized first channel's soft foreground at its own Otsu "
+                        "threshold must be the object's mask, with a dark ring around it (MeasureObjectSizeShape "
+                        "then measures the object's outline on the synthesized cell; needs --mask-image; 0: off)")
     m.add_argument("--init-from", default=None,
                    help="start from this model file's generator weights (fine-tuning; same architecture and features)")
     m.add_argument("--encoder-steps", type=int, default=600, help="pre-training steps of the feature encoder")
@@ -215,8 +216,8 @@ def train(args: argparse.Namespace) -> int:
     z_all, _ = standardize(ts.features, spec)
     z_all = torch.from_numpy(z_all)
     x_all = torch.from_numpy(ts.crops)
-    if (args.texture_loss or args.intensity_loss) and ts.masks is None:
-        raise CP2ImageError("--texture-loss and --intensity-loss compare crops inside the object's mask: name the "
+    if (args.texture_loss or args.intensity_loss or args.shape_loss) and ts.masks is None:
+        raise CP2ImageError("--texture-loss, --intensity-loss and --shape-loss need the object's mask: name the "
                             "exported label image with --mask-image (e.g. NucleiLabels)")
     m_all = torch.from_numpy(ts.masks).float()[:, None] if ts.masks is not None else None
     w_all = 1.0 + args.mask_weight * m_all if m_all is not None else torch.ones(len(ts.crops), 1, 1, 1)
@@ -225,10 +226,6 @@ def train(args: argparse.Namespace) -> int:
         print(f"training set: {len(train_idx)} train / {len(val_idx)} val cells, {spec.n_features} features "
               f"(dropped: {dropped}), {spec.n_channels} channels, {args.crop_size}px crops; "
               f"{args.arch} with {loss_kind} loss on {device} x{world}")
-
-    if args.shape_loss:
-        thr, fg = otsu_targets(ts.crops)
-        thr_all, fg_all = torch.from_numpy(thr), torch.from_numpy(fg)
 
     # ---- models and optimizers
     gen = build_generator(spec).to(device)
@@ -307,7 +304,7 @@ def train(args: argparse.Namespace) -> int:
             if args.intensity_loss:
                 terms["int"] = args.intensity_loss, intensity_distribution_loss(fake, x, mask)
             if args.shape_loss:
-                terms["shape"] = args.shape_loss, shape_loss(fake, thr_all[idx].to(device), fg_all[idx].to(device))
+                terms["shape"] = args.shape_loss, outline_loss(fake, mask)
             for name, (weight, value) in terms.items():
                 loss_g = loss_g + weight * value
                 logs[name] = value.item()

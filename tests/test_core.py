@@ -88,6 +88,30 @@ def test_generators_shape_and_batch_independence(arch, crop):
     assert torch.allclose(batched, single, atol=1e-5)
 
 
+@pytest.mark.parametrize("params", [{}, {"n_up": 3, "subpixel": 1}])
+def test_decoder_inference_path_equals_its_modules(params):
+    """The decoder's fused GroupNorm + SiLU (inference) gives what its nn modules give, channels-last too; the
+    sub-pixel variant has no full-resolution conv and still returns full-size crops."""
+    torch.manual_seed(0)
+    gen = archs.build("cp2image-decoder", 40, 3, 64, **params)
+    with torch.no_grad():
+        for p in gen.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # GroupNorm affine away from (1, 0)
+    gen.eval()
+    z = torch.randn(6, 40)
+    modules = gen(z).detach()  # with autograd on: the nn.Sequential path
+    with torch.no_grad():
+        fused = gen(z)
+    with torch.inference_mode():
+        fused_cl = gen.to(memory_format=torch.channels_last)(z)
+    assert fused.shape == (6, 3, 64, 64)
+    assert torch.allclose(fused, modules, atol=1e-5) and torch.allclose(fused_cl, modules, atol=1e-5)
+    assert not torch.allclose(modules[:3], modules[3:], atol=1e-3)  # cells differ: the check is not vacuous
+    if params:
+        sizes = [m.out_channels for m in gen.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert sizes[-1] == 12 and gen.ups[-1][0].size == (32, 32)
+
+
 def test_fast_paper_generator_equals_the_dense_one():
     """The phase-decomposed eval path (same weights) gives the dense network's outputs at 68x68."""
     torch.manual_seed(0)

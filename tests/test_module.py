@@ -274,3 +274,32 @@ except ValidationError as e:
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert "VALIDATION: CP2Image needs the cp2image_core package and PyTorch" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_feature_reads_follow_cellprofiler_measurements():
+    """The kept-open datasets give what get_current_measurement gives, in every image set, and never a stale
+    value after CellProfiler deletes and re-adds a feature (as test mode does when a module runs again)."""
+    from cp2image_core.module_support import current_values
+
+    m = Measurements()
+    rng = np.random.default_rng(0)
+    values = {}
+    for isn, n in ((1, 5), (2, 3), (3, 0), (4, 4)):
+        if isn > 1:
+            m.next_image_set(isn)
+        for feat in ("AreaShape_Area", "Intensity_MeanIntensity_DNA"):
+            values[isn, feat] = rng.random(n)
+            m.add_measurement("Nuclei", feat, values[isn, feat])
+    for isn in (2, 1, 4, 3, 2):  # out of order, and each twice
+        m.image_set_number = isn
+        for feat in ("AreaShape_Area", "Intensity_MeanIntensity_DNA"):
+            got = np.asarray(current_values(m, "Nuclei", feat))
+            assert np.array_equal(got, np.asarray(m.get_current_measurement("Nuclei", feat)))
+            assert np.array_equal(got, values[isn, feat])
+    m.image_set_number = 4
+    m.remove_measurement("Nuclei", "AreaShape_Area", 4)  # gone in image set 4 only
+    gone = current_values(m, "Nuclei", "AreaShape_Area")
+    assert gone is None or len(gone) == 0
+    m.remove_measurement("Nuclei", "AreaShape_Area")  # the whole feature, then measured again
+    m.add_measurement("Nuclei", "AreaShape_Area", np.array([7.0, 8.0]))
+    assert np.array_equal(current_values(m, "Nuclei", "AreaShape_Area"), [7.0, 8.0])

@@ -1,11 +1,14 @@
 """cp2image-decoder, our default: MLP to a small map, then bilinear up-sampling + 3x3 convs.
 
-GroupNorm (no batch statistics) keeps one cell's image independent of its batch-mates.
+GroupNorm (no batch statistics) keeps one cell's image independent of its batch-mates. With ``subpixel=1`` the
+last x2 step is a sub-pixel convolution (the last conv predicts the 2 x 2 pixels of each output position, then
+``pixel_shuffle``): no conv runs at full resolution, where few channels make convs memory-bound on a CPU.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import register
 
@@ -22,23 +25,46 @@ def _block(cin: int, cout: int, size: int) -> nn.Sequential:
     )
 
 
+def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+    """SiLU(GroupNorm(x)) as one scale-and-shift per sample and channel: the same values as the two modules, about
+    4x faster than PyTorch's channels-last GroupNorm kernel on a CPU (inference only: no autograd-friendly ops)."""
+    n, c = x.shape[:2]
+    g = norm.num_groups
+    mean = x.mean((2, 3)).view(n, g, -1).mean(-1, keepdim=True)
+    mean_sq = (x * x).mean((2, 3)).view(n, g, -1).mean(-1, keepdim=True)
+    inv = torch.rsqrt((mean_sq - mean * mean).clamp_min(0) + norm.eps)
+    scale = inv * norm.weight.view(1, g, -1)
+    shift = norm.bias.view(1, g, -1) - mean * scale
+    return F.silu(torch.addcmul(shift.view(n, c, 1, 1), x, scale.view(n, c, 1, 1)), inplace=True)
+
+
 @register("cp2image-decoder")
 class Decoder(nn.Module):
     def __init__(self, n_features: int, n_channels: int, crop_size: int,
-                 width: int = 128, n_up: int = 4, hidden: int = 512) -> None:
+                 width: int = 128, n_up: int = 4, hidden: int = 512, subpixel: int = 0) -> None:
         super().__init__()
-        self.base = max(2, round(crop_size / 2 ** n_up))
+        if subpixel and crop_size % 2:
+            raise ValueError(f"subpixel=1 needs an even crop size, not {crop_size}")
+        self.subpixel = bool(subpixel)
+        final = crop_size // 2 if subpixel else crop_size
+        self.base = max(2, round(final / 2 ** n_up))
         self.width = width
         self.mlp = nn.Sequential(
             nn.Linear(n_features, hidden), nn.SiLU(),
             nn.Linear(hidden, width * self.base * self.base), nn.SiLU(),
         )
-        sizes = [round(crop_size / 2 ** (n_up - i - 1)) for i in range(n_up)]
-        sizes[-1] = crop_size
+        sizes = [round(final / 2 ** (n_up - i - 1)) for i in range(n_up)]
+        sizes[-1] = final
         chans = [max(16, width // 2 ** i) for i in range(n_up + 1)]
         self.ups = nn.Sequential(*[_block(chans[i], chans[i + 1], sizes[i]) for i in range(n_up)])
-        self.out = nn.Conv2d(chans[-1], n_channels, 3, padding=1)
+        self.out = nn.Conv2d(chans[-1], n_channels * (4 if subpixel else 1), 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.mlp(z).view(-1, self.width, self.base, self.base)
-        return torch.sigmoid(self.out(self.ups(x)))
+        if self.training or torch.is_grad_enabled():
+            x = self.ups(x)
+        else:  # inference: the fused GroupNorm + SiLU
+            for up, conv1, norm1, _, conv2, norm2, _ in self.ups:
+                x = group_norm_silu(conv2(group_norm_silu(conv1(up(x)), norm1)), norm2)
+        x = self.out(x)
+        return torch.sigmoid(F.pixel_shuffle(x, 2) if self.subpixel else x)

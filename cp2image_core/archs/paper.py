@@ -66,10 +66,13 @@ class PaperGenerator(nn.Module):
         w1, b1, phases, (w_out, b_out) = self._folded()
         x = torch.addmm(b1, z, w1).view(len(z), 5, 5, -1).permute(0, 3, 1, 2)  # channels-last (N, C, 5, 5)
         x = F.leaky_relu(x, 0.01)
-        for k, b in phases:
+        for i, (k, b) in enumerate(phases):
             y = F.conv2d(F.pad(x, (2, 2, 2, 2)), k, b)  # (N, 4C, h, w), channel = c*4 + row phase*2 + col phase
-            x = F.leaky_relu(F.pixel_shuffle(y, 2), 0.01, inplace=True)
-        return F.relu(F.conv2d(x, w_out, b_out), inplace=True).contiguous()
+            y = F.leaky_relu(y, 0.01, inplace=True)
+            if i < len(phases) - 1:
+                x = F.pixel_shuffle(y, 2)
+        # the 1x1 reconstructor per phase, before the last shuffle: 3 full-size channels are moved, not 32
+        return F.relu(F.pixel_shuffle(F.conv2d(y, w_out, b_out), 2), inplace=True).contiguous()
 
     def _folded(self):
         """Eval-mode weights with batch norm folded in, phase kernels built; recomputed when weights change."""
@@ -94,8 +97,10 @@ class PaperGenerator(nn.Module):
                 w, b = fold(conv, bn)
                 k = torch.einsum("pau,oiuv,qbv->opqiab", g, w, g).reshape(4 * w.shape[0], w.shape[1], 3, 3)
                 phases.append((k.contiguous(memory_format=torch.channels_last), b.repeat_interleave(4)))
-            w_out, b_out = fold(net[19], net[20])
-            out = (w1, b1, phases, (w_out.contiguous(memory_format=torch.channels_last), b_out))
+            w, b = fold(net[19], net[20])  # (O, C) -> block-diagonal over the 4 phases: (O*4, C*4)
+            w_out = torch.einsum("oc,pq->opcq", w[:, :, 0, 0], torch.eye(4, dtype=w.dtype, device=w.device))
+            w_out = w_out.reshape(4 * w.shape[0], 4 * w.shape[1], 1, 1)
+            out = (w1, b1, phases, (w_out.contiguous(memory_format=torch.channels_last), b.repeat_interleave(4)))
         self._fast_cache = (key, out)
         return out
 
