@@ -19,8 +19,12 @@ ROOT = Path(__file__).resolve().parent.parent
 WRAPPER = ("import atexit, resource, runpy, sys; atexit.register(lambda: print('MAXRSS', "
            "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)); sys.argv[0] = 'train'; "
            "runpy.run_module('cp2image_core.train', run_name='__main__')")
+SHIPPED_RECIPE = ["--arch", "cp2image-decoder", "--loss", "l1", "--arch-param", "n_up=3", "subpixel=1", "smooth=1",
+                  "--mask-image", "NucleiLabels", "--texture-loss", "0.05", "--intensity-loss", "0.05",
+                  "--shape-loss", "0.05"]
 CONFIGS = {
-    "cp2image-decoder, L1 (the default)": ["--arch", "cp2image-decoder", "--loss", "l1"],
+    "cp2image-decoder, the shipped recipe (sub-pixel; L1 + texture, intensity, outline)": SHIPPED_RECIPE,
+    "cp2image-decoder, L1": ["--arch", "cp2image-decoder", "--loss", "l1"],
     "cp2image-decoder, adversarial": ["--arch", "cp2image-decoder", "--loss", "adversarial", "--adv-start", "0"],
     "cp2image-paper, paper losses": ["--arch", "cp2image-paper", "--loss", "paper", "--adv-start", "0"],
 }

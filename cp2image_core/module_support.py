@@ -155,8 +155,7 @@ def synthesize_and_write(synth: Synthesizer, measurements, objects_name: str, la
             for i, img in enumerate(images):
                 _atomic_tiff(out / names[start + i], img, "CYX")
     elif n:
-        planes = (plane for _, images in batches() for img in images for plane in img)
-        _atomic_tiff(out / names[0], planes, "TCYX", shape=(n, spec.n_channels, spec.crop_size, spec.crop_size))
+        _atomic_tiff(out / names[0], batches(), "TCYX", shape=(n, spec.n_channels, spec.crop_size, spec.crop_size))
     s = spec.crop_size
     return Synthesized(
         count=n, imputed=imputed, centers=centers,
@@ -182,13 +181,25 @@ def check_writable(out: Path, names: list[str], overwrite: bool) -> None:
 
 
 def _atomic_tiff(path: Path, data, axes: str, shape: tuple | None = None) -> None:
-    """Write a float32 ImageJ TIFF under a temporary name, then rename it; ``data`` may stream planes."""
+    """Write a float32 ImageJ TIFF under a temporary name, then rename it.
+
+    With ``shape``, ``data`` yields (start, block) pairs of consecutive blocks along the first axis: tifffile
+    writes the header for the final size, then each block goes to its place in the file, so a stack of any length
+    streams in batch-sized writes (tifffile's page iterator costs a Python call per plane: 4-10x the time of the
+    writes for 64-pixel crops).
+    """
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         if shape is None:
             tifffile.imwrite(str(tmp), np.ascontiguousarray(data, np.float32), imagej=True, metadata={"axes": axes})
         else:
-            tifffile.imwrite(str(tmp), data, shape=shape, dtype=np.float32, imagej=True, metadata={"axes": axes})
+            offset, _ = tifffile.imwrite(str(tmp), shape=shape, dtype=np.float32, imagej=True,
+                                         metadata={"axes": axes}, returnoffset=True)
+            item = int(np.prod(shape[1:])) * 4
+            with open(tmp, "r+b") as f:
+                for start, block in data:
+                    f.seek(offset + start * item)
+                    np.ascontiguousarray(block, np.float32).tofile(f)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)

@@ -126,12 +126,12 @@ def test_existing_file_survives_a_failed_rewrite(tmp_path):
     _atomic_tiff(target, np.zeros((2, 1, 8, 8), np.float32), "TCYX")
     before = target.read_bytes()
 
-    def planes():
-        yield np.ones((8, 8), np.float32)
+    def batches():
+        yield 0, np.ones((1, 1, 8, 8), np.float32)
         raise RuntimeError("generator crashed mid-stack")
 
     with pytest.raises(RuntimeError):
-        _atomic_tiff(target, planes(), "TCYX", shape=(2, 1, 8, 8))
+        _atomic_tiff(target, batches(), "TCYX", shape=(2, 1, 8, 8))
     assert target.read_bytes() == before and len(list(tmp_path.iterdir())) == 1
 
 

@@ -169,6 +169,30 @@ def test_texture_and_intensity_losses_measure_what_cellprofiler_measures():
     assert texture_loss(0.5 + 0.1 * x, x, mask) > 0.5  # lower contrast is penalised
 
 
+def test_outline_loss_thresholds_as_the_evaluation_segments(fly_export):
+    """Otsu thresholds equal skimage's on real blurred crops; the outline loss is low for a crop whose bright
+    region is the object's mask and rises when a touching neighbour is merged in or the object is dimmed."""
+    from skimage.filters import gaussian, threshold_otsu
+
+    from cp2image_core.losses import _gaussian_blur, otsu_threshold, outline_loss
+
+    ts = build_training_set(fly_export, "Nuclei", ["Nuclei"], CHANNELS, 48, val_images=[1], seed=0,
+                            mask_image="NucleiLabels")
+    crops = torch.from_numpy(ts.crops[:40])
+    blurred = _gaussian_blur(crops[:, :1])[:, 0]
+    want = np.array([threshold_otsu(gaussian(c[0], sigma=1.0)) for c in ts.crops[:40]])
+    width = (blurred.flatten(1).max(1).values - blurred.flatten(1).min(1).values).numpy() / 256
+    assert np.all(np.abs(otsu_threshold(blurred).numpy() - want) <= 1e-3 * width)
+    mask = torch.from_numpy(ts.masks[:40]).float()[:, None]
+    ideal = 0.05 + 0.5 * mask.expand(-1, 3, -1, -1)  # bright exactly on the object
+    merged = ideal.clone()
+    merged[:, :, :, :24] = torch.maximum(merged[:, :, :, :24], torch.tensor(0.4))  # a bright neighbour touching
+    dim = 0.05 + 0.5 * (1 - mask).expand(-1, 3, -1, -1)  # the object dark, the rest bright
+    base = outline_loss(ideal, mask)
+    assert base < 0.1 < outline_loss(merged, mask) < outline_loss(dim, mask)
+    assert 0.1 < outline_loss(crops, mask) < outline_loss(dim, mask)  # real crops: between the two
+
+
 def test_decoder_trains_with_texture_losses_and_arch_params(fly_export, tmp_path, capsys):
     out = tmp_path / "tex.safetensors"
     common = ["--export-dir", str(fly_export), *ARGS, "--crop-size", "32", "--steps", "4", "--batch-size", "8",
