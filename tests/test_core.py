@@ -88,7 +88,8 @@ def test_generators_shape_and_batch_independence(arch, crop):
     assert torch.allclose(batched, single, atol=1e-5)
 
 
-@pytest.mark.parametrize("params", [{}, {"n_up": 3, "subpixel": 1}, {"n_up": 3, "subpixel": 1, "smooth": 1}])
+@pytest.mark.parametrize("params", [{}, {"n_up": 3, "subpixel": 1}, {"n_up": 3, "subpixel": 1, "smooth": 1},
+                                    {"n_up": 3, "subpixel": 1, "smooth": 1, "low_res_first": 1}])
 def test_decoder_inference_path_equals_its_modules(params):
     """The decoder's fused GroupNorm + SiLU (inference) gives what its nn modules give, channels-last too; the
     sub-pixel variant has no full-resolution conv and still returns full-size crops."""
@@ -109,7 +110,8 @@ def test_decoder_inference_path_equals_its_modules(params):
     assert not torch.allclose(modules[:3], modules[3:], atol=1e-3)  # cells differ: the check is not vacuous
     if params:
         sizes = [m.out_channels for m in gen.modules() if isinstance(m, torch.nn.Conv2d)]
-        assert 12 in sizes[-2:] and gen.ups[-1][0].size == (32, 32)
+        ups = [m for m in gen.ups[-1] if isinstance(m, torch.nn.Upsample)]
+        assert 12 in sizes[-2:] and ups[0].size == (32, 32)
 
 
 def test_fast_paper_generator_equals_the_dense_one():

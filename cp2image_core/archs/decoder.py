@@ -3,6 +3,7 @@
 GroupNorm (no batch statistics) keeps one cell's image independent of its batch-mates. With ``subpixel=1`` the
 last x2 step is a sub-pixel convolution (the last conv predicts the 2 x 2 pixels of each output position, then
 ``pixel_shuffle``): no conv runs at full resolution, where few channels make convs memory-bound on a CPU.
+``low_res_first=1`` runs each block's first conv before its up-sampling (at a quarter of the pixels).
 ``smooth=1`` adds one 3x3 conv on the full-resolution output channels (about 1% of the FLOPs), so that
 neighbouring 2 x 2 groups can be blended instead of forming a checkerboard.
 """
@@ -15,16 +16,13 @@ import torch.nn.functional as F
 from . import register
 
 
-def _block(cin: int, cout: int, size: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Upsample(size=(size, size), mode="bilinear", align_corners=False),
-        nn.Conv2d(cin, cout, 3, padding=1),
-        nn.GroupNorm(min(8, cout), cout),
-        nn.SiLU(),
-        nn.Conv2d(cout, cout, 3, padding=1),
-        nn.GroupNorm(min(8, cout), cout),
-        nn.SiLU(),
-    )
+def _block(cin: int, cout: int, size: int, low_res_first: bool = False) -> nn.Sequential:
+    """Bilinear up-sampling to ``size`` and two 3x3 conv + GroupNorm + SiLU; with ``low_res_first`` the first conv
+    (cin -> cout) runs before the up-sampling, at a quarter of the pixels."""
+    up = nn.Upsample(size=(size, size), mode="bilinear", align_corners=False)
+    first = [nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(min(8, cout), cout), nn.SiLU()]
+    second = [nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(min(8, cout), cout), nn.SiLU()]
+    return nn.Sequential(*first, up, *second) if low_res_first else nn.Sequential(up, *first, *second)
 
 
 def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
@@ -43,7 +41,8 @@ def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
 @register("cp2image-decoder")
 class Decoder(nn.Module):
     def __init__(self, n_features: int, n_channels: int, crop_size: int,
-                 width: int = 128, n_up: int = 4, hidden: int = 512, subpixel: int = 0, smooth: int = 0) -> None:
+                 width: int = 128, n_up: int = 4, hidden: int = 512, subpixel: int = 0, smooth: int = 0,
+                 low_res_first: int = 0) -> None:
         super().__init__()
         if subpixel and crop_size % 2:
             raise ValueError(f"subpixel=1 needs an even crop size, not {crop_size}")
@@ -58,7 +57,8 @@ class Decoder(nn.Module):
         sizes = [round(final / 2 ** (n_up - i - 1)) for i in range(n_up)]
         sizes[-1] = final
         chans = [max(16, width // 2 ** i) for i in range(n_up + 1)]
-        self.ups = nn.Sequential(*[_block(chans[i], chans[i + 1], sizes[i]) for i in range(n_up)])
+        self.ups = nn.Sequential(*[_block(chans[i], chans[i + 1], sizes[i], bool(low_res_first))
+                                   for i in range(n_up)])
         self.out = nn.Conv2d(chans[-1], n_channels * (4 if subpixel else 1), 3, padding=1)
         self.smooth = nn.Conv2d(n_channels, n_channels, 3, padding=1) if smooth else None
 
@@ -67,8 +67,11 @@ class Decoder(nn.Module):
         if self.training or torch.is_grad_enabled():
             x = self.ups(x)
         else:  # inference: the fused GroupNorm + SiLU
-            for up, conv1, norm1, _, conv2, norm2, _ in self.ups:
-                x = group_norm_silu(conv2(group_norm_silu(conv1(up(x)), norm1)), norm2)
+            for layer in (m for block in self.ups for m in block):
+                if isinstance(layer, nn.GroupNorm):
+                    x = group_norm_silu(x, layer)
+                elif not isinstance(layer, nn.SiLU):  # applied with its GroupNorm
+                    x = layer(x)
         x = self.out(x)
         if self.subpixel:
             x = F.pixel_shuffle(x, 2)
