@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -19,11 +20,18 @@ ROOT = Path(__file__).resolve().parent.parent
 WRAPPER = ("import atexit, resource, runpy, sys; atexit.register(lambda: print('MAXRSS', "
            "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)); sys.argv[0] = 'train'; "
            "runpy.run_module('cp2image_core.train', run_name='__main__')")
-SHIPPED_RECIPE = ["--arch", "cp2image-decoder", "--loss", "l1", "--arch-param", "n_up=3", "subpixel=1", "smooth=1",
-                  "--mask-image", "NucleiLabels", "--texture-loss", "0.05", "--intensity-loss", "0.05",
-                  "--shape-loss", "0.05"]
+
+
+def shipped_recipe() -> list[str]:
+    """The shipped model's training options, read from its spec, so the benchmark follows `make train-default`."""
+    from cp2image_core.modelfile import read_spec
+
+    cmd = shlex.split(read_spec(ROOT / "weights/cp2image-default.safetensors").training["command"])
+    return cmd[cmd.index("cp2image_core.train") + 1:]
+
+
 CONFIGS = {
-    "cp2image-decoder, the shipped recipe (sub-pixel; L1 + texture, intensity, outline)": SHIPPED_RECIPE,
+    "cp2image-decoder, the shipped recipe (sub-pixel; L1 + texture, intensity, outline)": None,  # shipped_recipe()
     "cp2image-decoder, L1": ["--arch", "cp2image-decoder", "--loss", "l1"],
     "cp2image-decoder, adversarial": ["--arch", "cp2image-decoder", "--loss", "adversarial", "--adv-start", "0"],
     "cp2image-paper, paper losses": ["--arch", "cp2image-paper", "--loss", "paper", "--adv-start", "0"],
@@ -41,10 +49,12 @@ def main() -> None:
     for name, extra in CONFIGS.items():
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "m.safetensors"
-            cmd = [sys.executable, "-c", WRAPPER, "--export-dir", a.export_dir,
+            # the benchmark's own data, length and output come last: they override the recipe's
+            cmd = [sys.executable, "-c", WRAPPER, *(shipped_recipe() if extra is None else extra),
+                   "--export-dir", a.export_dir,
                    "--feature-objects", "Nuclei", "Cells", "Cytoplasm", "--channels", "DNA", "FITC", "Rhodamine",
                    "--val-images", "1", "--steps", str(a.steps), "--batch-size", str(a.batch_size),
-                   "--val-every", str(a.steps), "--ema", "0", "--out", str(out), *extra]
+                   "--val-every", str(a.steps), "--ema", "0", "--out", str(out), "--run-dir", tmp]
             proc = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
             peak = int(proc.stderr.rsplit("MAXRSS", 1)[1].split()[0])
             from cp2image_core.modelfile import read_spec
