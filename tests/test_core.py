@@ -8,6 +8,7 @@ import torch
 from cp2image_core import archs
 from cp2image_core.archs.paper import paper_sizes
 from cp2image_core.crops import crop_objects, paste_into_objects
+from cp2image_core.errors import SpecError
 from cp2image_core.features import select_features, standardize
 from cp2image_core.spec import ModelSpec
 
@@ -112,6 +113,13 @@ def test_decoder_inference_path_equals_its_modules(params):
         sizes = [m.out_channels for m in gen.modules() if isinstance(m, torch.nn.Conv2d)]
         ups = [m for m in gen.ups[-1] if isinstance(m, torch.nn.Upsample)]
         assert 12 in sizes[-2:] and ups[0].size == (32, 32)
+
+
+def test_architecture_parameters_the_crop_does_not_allow_are_named():
+    with pytest.raises(SpecError, match=r"63-pixel crops.*even crop size"):
+        archs.build("cp2image-decoder", 12, 3, 63, subpixel=1)
+    with pytest.raises(SpecError, match=r"cp2image-paper.*too small"):
+        archs.build("cp2image-paper", 12, 3, 32)
 
 
 def test_fast_paper_generator_equals_the_dense_one():

@@ -29,8 +29,8 @@ def build(name: str, n_features: int, n_channels: int, crop_size: int, **params)
         raise SpecError(f"Unknown architecture {name!r}; this cp2image knows: {', '.join(available())}")
     try:
         return _REGISTRY[name](n_features=n_features, n_channels=n_channels, crop_size=crop_size, **params)
-    except TypeError as e:
-        raise SpecError(f"Architecture {name!r}: bad parameters in the model spec ({e})") from None
+    except (TypeError, ValueError) as e:  # an unknown parameter, or one the crop size does not allow
+        raise SpecError(f"Architecture {name!r} at {crop_size}-pixel crops: bad parameters ({e})") from None
 
 
 from . import decoder, paper  # noqa: E402,F401  (registers the architectures)
