@@ -10,6 +10,7 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 import tifffile
 
@@ -77,24 +78,34 @@ _OPEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # measurements s
 def current_values(measurements, obj: str, feat: str):
     """One feature's values for the objects of the current image set, as ``get_current_measurement`` gives them.
 
-    CellProfiler opens the feature's HDF5 dataset through three groups on every call (≈0.4 ms in a pipeline: for a
-    658-feature model a fifth of CP2Image's time). The open dataset is kept per measurements store instead, and
-    dropped when CellProfiler deletes or rewrites the feature (it replaces the feature's index then).
+    CellProfiler opens the feature's HDF5 dataset through three h5py groups on every call and reads it through
+    h5py's high-level slicing (≈0.2 ms per feature: for a 658-feature model a third of CP2Image's non-generator
+    time). The dataset is opened once per measurements store with h5py's low-level API (one path lookup) and read
+    straight into an array; it is dropped when CellProfiler deletes or rewrites the feature (which replaces the
+    feature's index). Anything unusual (text features, an empty image set) takes CellProfiler's own path.
     """
     store = getattr(measurements, "hdf5_dict", None)
     index = getattr(store, "indices", {}).get((obj, feat))
     where = index.get(measurements.image_set_number) if isinstance(index, dict) else None
     if where is None or not isinstance(where[0], slice):
         return measurements.get_current_measurement(obj, feat)
+    start, stop, step = where[0].indices(2**62)
     with store.lock:
         handles = _OPEN.setdefault(store, {})
         cached = handles.get((obj, feat))
         if cached is None or cached[0] is not index:
-            dataset = store.get_dataset(obj, feat)
-            cached = handles[(obj, feat)] = (index, dataset, dataset.dtype.kind)
-        if cached[2] not in "fiub":
+            dataset = h5py.h5d.open(store.top_group.id, f"{obj}/{feat}/data".encode())  # CellProfiler: hdf5_dict.DATA
+            cached = handles[(obj, feat)] = (index, dataset, dataset.dtype)
+        dataset, dtype = cached[1], cached[2]
+        if dtype.kind not in "fiub" or step != 1 or stop <= start:
             return measurements.get_current_measurement(obj, feat)
-        return cached[1][where[0]]
+        space = dataset.get_space()
+        if space.get_simple_extent_ndims() != 1 or stop > space.shape[0]:
+            return measurements.get_current_measurement(obj, feat)
+        space.select_hyperslab((start,), (stop - start,))
+        values = np.empty(stop - start, dtype)
+        dataset.read(h5py.h5s.create_simple((stop - start,)), space, values)
+        return values
 
 
 def read_feature_matrix(measurements, spec: ModelSpec, n: int) -> np.ndarray:

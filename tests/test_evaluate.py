@@ -33,6 +33,19 @@ def test_c2st_identical_sets_near_chance_and_different_sets_separated():
     assert c2st(a, b + 0.3) > 0.9
 
 
+def test_cell_window_covers_the_object_and_fades_out():
+    from cp2image_core.evaluate.__main__ import cell_window
+
+    masks = np.zeros((2, 32, 32), bool)
+    masks[0, 10:20, 10:20] = True
+    masks[1, 0:5, 0:5] = True
+    w = cell_window(masks)
+    assert w.shape == (2, 1, 32, 32)
+    assert w[0, 0, 10:20, 10:20].min() > 0.99 and w[0, 0, 28:, :].max() < 1e-3 and w[0, 0, 0, 0] < 1e-3
+    assert 0 < w[0, 0, 21, 15] < 1  # grown by 3 pixels, then blurred
+    assert w[1, 0, 0, 0] > 0.99 and w[1, 0, 20:, 20:].max() < 1e-3
+
+
 def test_evaluate_on_real_cells(fly_export, tiny_model, tmp_path):
     out = tmp_path / "report"
     rc = evaluate_main(["--models", str(tiny_model), "--export-dir", str(fly_export), "--max-cells", "80",
@@ -50,6 +63,9 @@ def test_evaluate_on_real_cells(fly_export, tiny_model, tmp_path):
         return res[name]["features"]["all"]["median_r"]
 
     assert median_r("mean training crop") < median_r("nearest neighbour")
+    # another cell's real crop keeps nothing of this cell's features: chance level
+    assert abs(median_r("random training crop")) < 0.3 < median_r("nearest neighbour")
+    assert all(0 <= r["c2st_cell"] <= 1 for r in res.values())
     for f in ("report.md", "grid.png", "scatter.png", "r_hist.png", "traverse_Nuclei.AreaShape_Area.png"):
         assert (out / f).exists(), f
 
