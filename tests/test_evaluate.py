@@ -49,8 +49,8 @@ def test_cell_window_covers_the_object_and_fades_out():
 def test_evaluate_on_real_cells(fly_export, tiny_model, tmp_path):
     out = tmp_path / "report"
     rc = evaluate_main(["--models", str(tiny_model), "--export-dir", str(fly_export), "--max-cells", "80",
-                        "--features-pipeline", str(ROOT / "pipelines" / "ExampleFly_features.cppipe"),
-                        "--out", str(out), "--traverse", "Nuclei.AreaShape_Area"])
+                        "--c2st-repeats", "2", "--out", str(out), "--traverse", "Nuclei.AreaShape_Area",
+                        "--features-pipeline", str(ROOT / "pipelines" / "ExampleFly_features.cppipe")])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     res = report["results"]
@@ -79,7 +79,7 @@ def test_shipped_model_keeps_its_feature_preservation(fly_export, tmp_path):
 
     out = tmp_path / "shipped"
     assert evaluate_main(["--models", str(SHIPPED), "--export-dir", str(fly_export), "--val-images", "1",
-                          "--out", str(out)]) == 0
+                          "--c2st-repeats", "1", "--out", str(out)]) == 0
     res = json.loads((out / "report.json").read_text())["results"]
     model = next(v for k, v in res.items() if k.startswith("cp2image-default"))
     assert model["features"]["AreaShape"]["median_r"] >= 0.85

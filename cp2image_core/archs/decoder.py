@@ -5,7 +5,8 @@ last x2 step is a sub-pixel convolution (the last conv predicts the 2 x 2 pixels
 ``pixel_shuffle``): no conv runs at full resolution, where few channels make convs memory-bound on a CPU.
 ``low_res_first=1`` runs each block's first conv before its up-sampling (at a quarter of the pixels).
 ``smooth=1`` adds one 3x3 conv on the full-resolution output channels (about 1% of the FLOPs), so that
-neighbouring 2 x 2 groups can be blended instead of forming a checkerboard.
+neighbouring 2 x 2 groups can be blended instead of forming a checkerboard; ``icnr=1`` initializes the sub-pixel
+conv so that training starts from nearest-neighbour up-sampling (no checkerboard at the start).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
 class Decoder(nn.Module):
     def __init__(self, n_features: int, n_channels: int, crop_size: int,
                  width: int = 128, n_up: int = 4, hidden: int = 512, subpixel: int = 0, smooth: int = 0,
-                 low_res_first: int = 0) -> None:
+                 low_res_first: int = 0, icnr: int = 0) -> None:
         super().__init__()
         if subpixel and crop_size % 2:
             raise ValueError(f"subpixel=1 needs an even crop size, not {crop_size}")
@@ -61,6 +62,10 @@ class Decoder(nn.Module):
                                    for i in range(n_up)])
         self.out = nn.Conv2d(chans[-1], n_channels * (4 if subpixel else 1), 3, padding=1)
         self.smooth = nn.Conv2d(n_channels, n_channels, 3, padding=1) if smooth else None
+        if subpixel and icnr:  # start with the four sub-pixels of each output pixel equal (Aitken et al. 2017)
+            with torch.no_grad():
+                self.out.weight.copy_(self.out.weight[::4].repeat_interleave(4, 0))
+                self.out.bias.copy_(self.out.bias[::4].repeat_interleave(4, 0))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.mlp(z).view(-1, self.width, self.base, self.base)
