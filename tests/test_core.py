@@ -115,6 +115,15 @@ def test_decoder_inference_path_equals_its_modules(params):
         assert 12 in sizes[-2:] and ups[0].size == (32, 32)
 
 
+def test_decoder_icnr_starts_without_a_checkerboard():
+    gen = archs.build("cp2image-decoder", 10, 3, 64, n_up=3, subpixel=1, icnr=1)
+    with torch.no_grad():
+        x = gen.ups(gen.mlp(torch.randn(2, 10)).view(-1, gen.width, gen.base, gen.base))
+        y = torch.nn.functional.pixel_shuffle(gen.out(x), 2)
+    assert torch.equal(y[..., ::2, ::2], y[..., 1::2, 1::2]) and torch.equal(y[..., ::2, ::2], y[..., ::2, 1::2])
+    assert y.std() > 0
+
+
 def test_architecture_parameters_the_crop_does_not_allow_are_named():
     with pytest.raises(SpecError, match=r"63-pixel crops.*even crop size"):
         archs.build("cp2image-decoder", 12, 3, 63, subpixel=1)
