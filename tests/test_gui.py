@@ -23,9 +23,14 @@ pytestmark = [
 
 
 def test_module_in_the_gui(tmp_path):
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gui_screenshots.sh"), "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT, env={"DISPLAY_NUM": "98",
-                          "PATH": "/usr/bin:/bin", "VENV": str(VENV_BIN.parent)})
+    def run():
+        return subprocess.run(["bash", str(ROOT / "scripts" / "gui_screenshots.sh"), "--out", str(tmp_path)],
+                              capture_output=True, text=True, timeout=600, cwd=ROOT, env={"DISPLAY_NUM": "98",
+                              "PATH": "/usr/bin:/bin", "VENV": str(VENV_BIN.parent)})
+
+    proc = run()
+    if proc.returncode != 0 and "wxEntryStart failed" in proc.stderr:
+        proc = run()  # the virtual screen itself sometimes refuses wx's first connection (seen 2 in 6 runs); once more
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     check = json.loads((tmp_path / "gui-check.json").read_text())
     steps = check["steps"]
