@@ -61,7 +61,10 @@ class Synthesizer:
         """
         z = np.asarray(z, dtype=np.float32).reshape(-1, self.spec.n_features)
         bs = max(1, int(batch_size))
-        start, bs = 0, -(-len(z) // -(-len(z) // bs)) if len(z) else bs
+        if len(z):
+            n_batches = -(-len(z) // bs)  # ceiling divisions
+            bs = -(-len(z) // n_batches)
+        start = 0
         while start < len(z):
             try:
                 with torch.inference_mode():

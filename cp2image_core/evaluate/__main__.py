@@ -151,7 +151,7 @@ def cell_window(masks: np.ndarray, grow: int = 3, blur: float = 1.5) -> np.ndarr
 
     w = [np.maximum(ndi.gaussian_filter(ndi.binary_dilation(m, iterations=grow).astype(np.float32), blur), m)
          for m in masks]
-    return np.clip(np.stack(w), 0, 1)[:, None].astype(np.float32)
+    return np.stack(w)[:, None].astype(np.float32)
 
 
 def table(report: dict) -> str:
