@@ -58,6 +58,23 @@ class FakeMeasurements:
         return self.data.get((obj, feat))
 
 
+def test_objects_are_split_into_equal_batches():
+    """283 objects at batch size 64 run as 5 batches of 57 (not 4 x 64 + 27), with the same images."""
+    spec = ModelSpec(arch="cp2image-decoder", arch_params={"width": 32, "hidden": 32}, object_name="Nuclei",
+                     features=[("Nuclei", "A"), ("Nuclei", "B")], feature_mean=[0.0, 0.0], feature_std=[1.0, 1.0],
+                     channels=["DNA"], crop_size=16)
+    torch.manual_seed(0)
+    counted = OOMAbove(archs.build(spec.arch, 2, 1, 16, **spec.arch_params).eval(), limit=10**6)
+    synth = Synthesizer(spec, counted, torch.device("cpu"))
+    z = np.random.default_rng(0).standard_normal((283, 2)).astype(np.float32)
+    starts = [start for start, _ in synth.iter_generate(z, 64)]
+    assert counted.calls == [57] * 4 + [55] and starts == [0, 57, 114, 171, 228]
+    assert np.allclose(synth.generate(z, 64), synth.generate(z, 283), atol=1e-5)
+    counted.calls.clear()
+    synth.generate(z[:64], 64)
+    assert counted.calls == [64]
+
+
 def test_ten_thousand_objects_stream_in_bounded_memory(tiny_model, tmp_path):
     spec = read_spec(tiny_model)
     synth = load_synthesizer_uncached(tiny_model, "cpu")
