@@ -56,7 +56,7 @@ class Synthesizer:
         """Yield (first index, images) batch by batch; a CUDA out-of-memory batch is retried at half size.
 
         ``batch_size`` is an upper bound: the objects are split into as many batches as it asks for, of equal
-        size (283 cells at 64 run as 5 x 57, not 4 x 64 + 27: ~9% faster on CPU, where a small last batch wastes
+        size (283 cells at 64 run as 4 x 57 + 55, not 4 x 64 + 27: ~9% faster on CPU, where a small last batch wastes
         the vectorized loops' width).
         """
         z = np.asarray(z, dtype=np.float32).reshape(-1, self.spec.n_features)
