@@ -39,28 +39,39 @@ def crop_objects(image: np.ndarray, centers_xy: np.ndarray, size: int, chunk: in
 class FieldPainter:
     """Paints synthesized crops inside their objects' masks, batch by batch.
 
-    The labelled pixels are found, sorted by object and placed in crop coordinates once, so each batch
-    only slices its own objects' pixels (no rescan of the label image per batch).
+    The labelled pixels are found, sorted by object and placed in crop coordinates once (flat indices, so each batch
+    is one gather and one scatter per channel), and each batch only touches its own objects' pixels.
     """
 
     def __init__(self, labels: np.ndarray, centers_xy: np.ndarray, size: int) -> None:
         centers = np.asarray(centers_xy, dtype=np.float64).reshape(-1, 2)
         n = len(centers)
-        ys, xs = np.nonzero((labels > 0) & (labels <= n))
-        k = labels[ys, xs].astype(np.int64) - 1
-        ok = np.isfinite(centers[k]).all(axis=1)
-        ys, xs, k = ys[ok], xs[ok], k[ok]
-        dy = ys - np.round(centers[k, 1]).astype(np.int64) + size // 2
-        dx = xs - np.round(centers[k, 0]).astype(np.int64) + size // 2
-        inside = (dy >= 0) & (dy < size) & (dx >= 0) & (dx < size)
-        order = np.argsort(k[inside], kind="stable")
-        self.ys, self.xs, self.k, self.dy, self.dx = (a[inside][order] for a in (ys, xs, k, dy, dx))
+        flat = np.asarray(labels).ravel()
+        pix = np.flatnonzero((flat > 0) & (flat <= n))
+        k = flat[pix].astype(np.int64) - 1
+        ok = np.isfinite(centers).all(axis=1)
+        corner = np.where(ok[:, None], np.round(centers), 0).astype(np.int64) - size // 2  # crop's top-left (x, y)
+        ys, xs = np.divmod(pix, labels.shape[1])
+        dy, dx = ys - corner[k, 1], xs - corner[k, 0]
+        inside = ok[k] & (dy >= 0) & (dy < size) & (dx >= 0) & (dx < size)
+        k = k[inside]
+        order = np.argsort(k.astype(np.uint16) if n <= 2**16 else k, kind="stable")  # a radix sort for 16 bits
+        self.k = k[order]
+        self.pix = pix[inside][order]  # flat index in the field
+        self.offset = (dy * size + dx)[inside][order]  # flat index in a crop's plane
+        self.size = size
 
     def paint(self, crops: np.ndarray, first: int, field: np.ndarray) -> np.ndarray:
-        """Paint crop i as object number ``first + i`` into ``field`` (H, W, C)."""
+        """Paint crop i as object number ``first + i`` into ``field`` (H, W, C), C-contiguous."""
+        if not field.flags.c_contiguous:
+            raise ValueError("FieldPainter.paint needs a C-contiguous field to paint in place")
         lo, hi = np.searchsorted(self.k, [first - 1, first - 1 + len(crops)])
-        sl = slice(lo, hi)
-        field[self.ys[sl], self.xs[sl]] = crops[self.k[sl] - (first - 1), :, self.dy[sl], self.dx[sl]]
+        c, plane = crops.shape[1], self.size * self.size
+        src = (self.k[lo:hi] - (first - 1)) * (c * plane) + self.offset[lo:hi]
+        dst = self.pix[lo:hi] * c
+        crops_flat, field_flat = np.ascontiguousarray(crops).reshape(-1), field.reshape(-1)
+        for ch in range(c):
+            field_flat[dst + ch] = crops_flat[src + ch * plane]
         return field
 
 

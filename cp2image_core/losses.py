@@ -125,3 +125,13 @@ def outline_loss(fake: torch.Tensor, mask: torch.Tensor, channel: int = 0, sigma
     weight = (inside | around).float()
     bce = F.binary_cross_entropy_with_logits(logits, inside.float(), weight=weight, reduction="sum")
     return bce / weight.sum().clamp_min(1.0)
+
+
+def surroundings(mask: torch.Tensor, grow: int) -> torch.Tensor:
+    """1 outside the object's mask (N, 1, H, W) grown by ``grow`` pixels (a square neighbourhood), else 0."""
+    return 1.0 - F.max_pool2d(mask.float(), 2 * grow + 1, stride=1, padding=grow)
+
+
+def gradient_outside(x: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
+    """``x`` unchanged, but a loss on it back-propagates only through the pixels where ``outside`` is 1."""
+    return outside * x + (1 - outside) * x.detach()

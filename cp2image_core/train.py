@@ -28,7 +28,13 @@ from .archs.critic import build_critic
 from .dataset import build_training_set
 from .errors import CP2ImageError
 from .features import fit_standardizer, standardize
-from .losses import intensity_distribution_loss, outline_loss, texture_loss
+from .losses import (
+    gradient_outside,
+    intensity_distribution_loss,
+    outline_loss,
+    surroundings,
+    texture_loss,
+)
 from .modelfile import load_model, save_model
 from .spec import ModelSpec
 from .synthesize import build_generator, resolve_device
@@ -81,6 +87,13 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--weight-decay", type=float, default=1e-4, help="generator weight decay")
     m.add_argument("--adv-weight", type=float, default=0.05, help="adversarial loss weight (adversarial loss)")
     m.add_argument("--fm-weight", type=float, default=1.0, help="feature-matching loss weight")
+    m.add_argument("--adv-surround", type=int, default=-1, metavar="PX",
+                   help="adversarial loss: let the critic's gradient reach only the surroundings, outside the object's "
+                        "mask grown by PX pixels (the cell itself stays with the pixel and feature losses; needs "
+                        "--mask-image; -1: the whole crop)")
+    m.add_argument("--surround-weight", type=float, default=1.0,
+                   help="pixel-loss weight outside the object's mask grown by --adv-surround pixels (default 1, as "
+                        "everywhere outside the mask)")
     m.add_argument("--mask-weight", type=float, default=4.0, help="extra pixel-loss weight inside the object mask")
     m.add_argument("--feature-loss", type=float, default=0.0,
                    help="weight of the feature-encoder loss: a CNN pre-trained to read the features from real "
@@ -88,7 +101,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--texture-loss", type=float, default=0.0,
                    help="weight of the co-occurrence moment loss at --texture-scale inside the object mask (what "
                         "MeasureTexture's Haralick features are made of; needs --mask-image; 0: off)")
-    m.add_argument("--texture-scale", type=int, default=3, help="MeasureTexture's scale, pixels")
+    m.add_argument("--texture-scale", type=int, nargs="+", default=[3],
+                   help="MeasureTexture's scale, pixels; several (e.g. 1 2 3) also match the co-occurrence moments "
+                        "at the smaller offsets, where a regular 2-pixel pattern differs from real texture")
     m.add_argument("--intensity-loss", type=float, default=0.0,
                    help="weight of the loss on intensity quantiles (min, quartiles, max) inside the object mask "
                         "(what MeasureObjectIntensity reports; needs --mask-image; 0: off)")
@@ -221,6 +236,13 @@ def train(args: argparse.Namespace) -> int:
                             "exported label image with --mask-image (e.g. NucleiLabels)")
     m_all = torch.from_numpy(ts.masks).float()[:, None] if ts.masks is not None else None
     w_all = 1.0 + args.mask_weight * m_all if m_all is not None else torch.ones(len(ts.crops), 1, 1, 1)
+    surround_all = None  # 1 outside the object's mask grown by --adv-surround pixels
+    if args.adv_surround >= 0:
+        if m_all is None:
+            raise CP2ImageError("--adv-surround needs the object's mask: name the exported label image with "
+                                "--mask-image (e.g. NucleiLabels)")
+        surround_all = surroundings(m_all, args.adv_surround)
+        w_all = w_all + (args.surround_weight - 1.0) * surround_all
     if rank == 0:
         dropped = {k: len(v) for k, v in ts.dropped.items() if v}
         print(f"training set: {len(train_idx)} train / {len(val_idx)} val cells, {spec.n_features} features "
@@ -231,11 +253,16 @@ def train(args: argparse.Namespace) -> int:
     gen = build_generator(spec).to(device)
     if args.init_from:
         init_spec, tensors = load_model(args.init_from)
-        if (init_spec.arch, init_spec.arch_params, init_spec.features, init_spec.channels, init_spec.crop_size) != (
-                spec.arch, spec.arch_params, spec.features, spec.channels, spec.crop_size):
+        same = (init_spec.arch, init_spec.features, init_spec.channels, init_spec.crop_size) == (
+            spec.arch, spec.features, spec.channels, spec.crop_size)
+        try:  # arch params may differ where the weights do not (e.g. replicate=1 pads the same convs differently)
+            if same:
+                gen.load_state_dict(tensors)
+        except RuntimeError:
+            same = False
+        if not same:
             raise CP2ImageError(f"--init-from {args.init_from}: its architecture, features, channels or crop size "
                                 "differ from this training run's")
-        gen.load_state_dict(tensors)
     critic = build_critic(args.arch, spec.n_channels).to(device) if loss_kind != "l1" else None
     ema = AveragedModel(gen, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
     if world > 1:
@@ -300,7 +327,8 @@ def train(args: argparse.Namespace) -> int:
             mask = m_all[idx].to(device) if m_all is not None else None
             terms = {}  # name -> (weight, value): the losses aimed at what CellProfiler re-measures
             if args.texture_loss:
-                terms["tex"] = args.texture_loss, texture_loss(fake, x, mask, args.texture_scale)
+                tex = sum(texture_loss(fake, x, mask, scale) for scale in args.texture_scale)
+                terms["tex"] = args.texture_loss, tex / len(args.texture_scale)
             if args.intensity_loss:
                 terms["int"] = args.intensity_loss, intensity_distribution_loss(fake, x, mask)
             if args.shape_loss:
@@ -315,6 +343,8 @@ def train(args: argparse.Namespace) -> int:
                 loss_g = loss_g + args.feature_loss * feat
                 logs["feat"] = feat.item()
             if critic is not None and step >= args.adv_start:
+                if surround_all is not None:  # the critic's gradient reaches the surroundings only
+                    fake = gradient_outside(fake, surround_all[idx].to(device))
                 d_fake, f_fake = critic(fake)
                 with torch.no_grad():
                     _, f_real = critic(x)

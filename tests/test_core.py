@@ -7,7 +7,7 @@ import torch
 
 from cp2image_core import archs
 from cp2image_core.archs.paper import paper_sizes
-from cp2image_core.crops import crop_objects, paste_into_objects
+from cp2image_core.crops import FieldPainter, crop_objects, paste_into_objects
 from cp2image_core.errors import SpecError
 from cp2image_core.features import select_features, standardize
 from cp2image_core.spec import ModelSpec
@@ -42,6 +42,30 @@ def test_paste_is_zero_outside_objects_and_matches_crop_inside():
     back = crop_objects(field, centers, 16)
     inside = crop_objects(labels.astype(np.float32), centers, 16)[:, 0] == np.array([1, 2])[:, None, None]
     assert np.allclose(back.transpose(0, 2, 3, 1)[inside], crops.transpose(0, 2, 3, 1)[inside])
+
+
+def test_field_painter_in_batches_equals_a_per_object_paste():
+    """Batch by batch, objects far from their centre or with no centre (NaN) included, as one object at a time."""
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 8, (30, 40))  # scattered pixels: many fall outside their object's 8-pixel crop
+    labels[0, 0], labels[29, 39] = 1, 7
+    centers = rng.random((7, 2)) * [40, 30]
+    centers[3] = np.nan
+    crops = rng.random((7, 2, 8, 8)).astype(np.float32) + 0.1
+    expected = np.zeros((30, 40, 2), np.float32)
+    for k in range(7):
+        if np.isnan(centers[k]).any():
+            continue
+        x0, y0 = (np.round(centers[k]).astype(int) - 4)
+        for y, x in zip(*np.nonzero(labels == k + 1)):
+            if 0 <= y - y0 < 8 and 0 <= x - x0 < 8:
+                expected[y, x] = crops[k, :, y - y0, x - x0]
+    painter = FieldPainter(labels, centers, 8)
+    field = np.zeros((30, 40, 2), np.float32)
+    for first in (1, 4, 6):  # objects 1-3, 4-5, 6-7
+        painter.paint(crops[first - 1:first - 1 + (3 if first == 1 else 2)], first, field)
+    assert np.array_equal(field, expected)
+    assert np.any(expected[labels == 1])  # not trivially empty
 
 
 def test_standardize_imputes_counts_and_clips():

@@ -215,3 +215,38 @@ def test_decoder_trains_with_texture_losses_and_arch_params(fly_export, tmp_path
     capsys.readouterr()
     assert train_main([*args, "--out", str(tmp_path / "other.safetensors")]) == 2
     assert "differ from this training run's" in capsys.readouterr().err
+
+
+def test_texture_loss_at_small_offsets_and_surroundings_only_gradient(fly_export):
+    """At offset 1 the texture loss penalizes the 2-pixel dot pattern more than at MeasureTexture's scale 3;
+    the critic's gradient can be kept to the surroundings (outside the object's mask, grown)."""
+    from cp2image_core.losses import gradient_outside, surroundings, texture_loss
+
+    ts = build_training_set(fly_export, "Nuclei", ["Nuclei"], CHANNELS, 48, val_images=[1], seed=0,
+                            mask_image="NucleiLabels")
+    real = torch.from_numpy(ts.crops[:32])
+    dots = torch.zeros(48, 48)
+    dots[::2, ::2] = 1
+    mask = torch.from_numpy(ts.masks[:32]).float()[:, None]
+    dotted = real + 0.05 * (dots - dots.mean())
+    at = {scale: texture_loss(dotted, real, mask, scale) for scale in (1, 2, 3)}
+    assert at[1] > 1.1 * at[3] > 0.5 and texture_loss(real, real, mask, 1) == 0
+    outside = surroundings(mask, 3)
+    grown = torch.nn.functional.max_pool2d(mask, 7, stride=1, padding=3)
+    assert torch.equal(outside, 1 - grown) and outside.sum() > 0 and (outside * mask).sum() == 0
+    fake = real.clone().requires_grad_()
+    (gradient_outside(fake, outside) ** 2).sum().backward()
+    assert torch.equal(fake.grad == 0, (outside == 0).expand_as(fake) | (real == 0))
+
+
+def test_adversarial_surroundings_and_small_texture_offsets_train(fly_export, tmp_path, capsys):
+    out = tmp_path / "surround.safetensors"
+    common = ["--export-dir", str(fly_export), *ARGS, "--crop-size", "32", "--steps", "3", "--batch-size", "8",
+              "--val-every", "3", "--loss", "adversarial", "--adv-start", "0", "--adv-surround", "3",
+              "--arch-param", "width=32", "hidden=64", "replicate=1", "--out", str(out)]
+    assert train_main(common) == 2
+    assert "--adv-surround needs the object's mask" in capsys.readouterr().err
+    assert train_main([*common, "--mask-image", "NucleiLabels", "--surround-weight", "0.2", "--texture-loss", "0.1",
+                       "--texture-scale", "1", "2", "3"]) == 0
+    last = json.loads((Path(f"{out}.run") / "history.json").read_text())[-1]
+    assert {"train_adv", "train_tex", "train_d"} <= set(last) and np.isfinite(last["train_tex"])

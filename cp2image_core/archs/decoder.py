@@ -6,7 +6,8 @@ last x2 step is a sub-pixel convolution (the last conv predicts the 2 x 2 pixels
 ``low_res_first=1`` runs each block's first conv before its up-sampling (at a quarter of the pixels).
 ``smooth=1`` adds one 3x3 conv on the full-resolution output channels (about 1% of the FLOPs), so that
 neighbouring 2 x 2 groups can be blended instead of forming a checkerboard; ``icnr=1`` initializes the sub-pixel
-conv so that training starts from nearest-neighbour up-sampling (no checkerboard at the start).
+conv so that training starts from nearest-neighbour up-sampling (no checkerboard at the start). ``replicate=1`` pads
+every conv by repeating the edge pixels instead of zeros, so the crop's border is not drawn as a frame.
 """
 from __future__ import annotations
 
@@ -17,12 +18,12 @@ import torch.nn.functional as F
 from . import register
 
 
-def _block(cin: int, cout: int, size: int, low_res_first: bool = False) -> nn.Sequential:
+def _block(cin: int, cout: int, size: int, low_res_first: bool = False, pad: str = "zeros") -> nn.Sequential:
     """Bilinear up-sampling to ``size`` and two 3x3 conv + GroupNorm + SiLU; with ``low_res_first`` the first conv
     (cin -> cout) runs before the up-sampling, at a quarter of the pixels."""
     up = nn.Upsample(size=(size, size), mode="bilinear", align_corners=False)
-    first = [nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(min(8, cout), cout), nn.SiLU()]
-    second = [nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(min(8, cout), cout), nn.SiLU()]
+    first = [nn.Conv2d(cin, cout, 3, padding=1, padding_mode=pad), nn.GroupNorm(min(8, cout), cout), nn.SiLU()]
+    second = [nn.Conv2d(cout, cout, 3, padding=1, padding_mode=pad), nn.GroupNorm(min(8, cout), cout), nn.SiLU()]
     return nn.Sequential(*first, up, *second) if low_res_first else nn.Sequential(up, *first, *second)
 
 
@@ -43,7 +44,7 @@ def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
 class Decoder(nn.Module):
     def __init__(self, n_features: int, n_channels: int, crop_size: int,
                  width: int = 128, n_up: int = 4, hidden: int = 512, subpixel: int = 0, smooth: int = 0,
-                 low_res_first: int = 0, icnr: int = 0) -> None:
+                 low_res_first: int = 0, icnr: int = 0, replicate: int = 0) -> None:
         super().__init__()
         if subpixel and crop_size % 2:
             raise ValueError(f"subpixel=1 needs an even crop size, not {crop_size}")
@@ -58,10 +59,11 @@ class Decoder(nn.Module):
         sizes = [round(final / 2 ** (n_up - i - 1)) for i in range(n_up)]
         sizes[-1] = final
         chans = [max(16, width // 2 ** i) for i in range(n_up + 1)]
-        self.ups = nn.Sequential(*[_block(chans[i], chans[i + 1], sizes[i], bool(low_res_first))
+        pad = "replicate" if replicate else "zeros"
+        self.ups = nn.Sequential(*[_block(chans[i], chans[i + 1], sizes[i], bool(low_res_first), pad)
                                    for i in range(n_up)])
-        self.out = nn.Conv2d(chans[-1], n_channels * (4 if subpixel else 1), 3, padding=1)
-        self.smooth = nn.Conv2d(n_channels, n_channels, 3, padding=1) if smooth else None
+        self.out = nn.Conv2d(chans[-1], n_channels * (4 if subpixel else 1), 3, padding=1, padding_mode=pad)
+        self.smooth = nn.Conv2d(n_channels, n_channels, 3, padding=1, padding_mode=pad) if smooth else None
         if subpixel and icnr:  # start with the four sub-pixels of each output pixel equal (Aitken et al. 2017)
             with torch.no_grad():
                 self.out.weight.copy_(self.out.weight[::4].repeat_interleave(4, 0))
