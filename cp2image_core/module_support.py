@@ -32,17 +32,24 @@ __all__ = [
     "paste_into_objects",
     "read_spec",
     "real_crops",
+    "realistic_model_path",
     "synthesize_and_write",
     "to_rgb",
 ]
 
 DEFAULT_MODEL = "cp2image-default.safetensors"
+REALISTIC_MODEL = "cp2image-realistic.safetensors"
 LOGGER = logging.getLogger(__name__)
 
 
 def default_model_path() -> Path:
     """The model shipped in the repository's weights/ folder."""
     return Path(__file__).resolve().parent.parent / "weights" / DEFAULT_MODEL
+
+
+def realistic_model_path() -> Path:
+    """The shipped alternative that draws plausible surroundings and cell texture (weights/README.md)."""
+    return default_model_path().with_name(REALISTIC_MODEL)
 
 
 def missing_features_message(spec: ModelSpec, available: set[tuple[str, str]], objects_name: str,

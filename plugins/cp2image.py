@@ -95,6 +95,7 @@ References
 LOGGER = logging.getLogger(__name__)
 
 MODEL_DEFAULT = "Default model (shipped)"
+MODEL_REALISTIC = "Realistic-looking model (shipped)"
 MODEL_CUSTOM = "Model file"
 DEVICE_AUTO, DEVICE_CPU, DEVICE_GPU, DEVICE_GPU_ONLY = "Automatic", "CPU", "GPU", "GPU only (stop if none)"
 # setting -> cp2image_core device name
@@ -143,9 +144,12 @@ class CP2Image(Module):
         )
         self.model_choice = Choice(
             "Model",
-            [MODEL_DEFAULT, MODEL_CUSTOM],
+            [MODEL_DEFAULT, MODEL_REALISTIC, MODEL_CUSTOM],
             doc=f"*{MODEL_DEFAULT}*: the generator shipped in cp2image's ``weights/`` folder, trained on "
-            f"CellProfiler's ExampleFly cells. *{MODEL_CUSTOM}*: a ``.safetensors`` model you trained "
+            f"CellProfiler's ExampleFly cells; its cells re-measure closest to the input features. "
+            f"*{MODEL_REALISTIC}*: the same model fine-tuned to draw plausible neighbours and cell texture "
+            "(harder to tell from real crops, at a small cost in re-measured texture and shape; see "
+            f"``weights/README.md``). *{MODEL_CUSTOM}*: a ``.safetensors`` model you trained "
             "with ``python -m cp2image_core.train`` on your own screen.",
         )
         self.model_file = Pathname(
@@ -240,6 +244,8 @@ class CP2Image(Module):
     def model_path(self) -> str:
         if self.model_choice == MODEL_DEFAULT:
             return str(_core().default_model_path())
+        if self.model_choice == MODEL_REALISTIC:
+            return str(_core().realistic_model_path())
         return self.model_file.value
 
     def stack_name(self) -> str:

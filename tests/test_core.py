@@ -148,6 +148,21 @@ def test_decoder_icnr_starts_without_a_checkerboard():
     assert y.std() > 0
 
 
+@pytest.mark.parametrize("replicate", [0, 1])
+def test_decoder_antialias_removes_the_two_pixel_dots(replicate):
+    """A sub-pixel layer that draws a pure 2 x 2 dot pattern gives a flat image once ``antialias=1`` blurs it."""
+    def output(antialias):
+        gen = archs.build("cp2image-decoder", 10, 1, 16, n_up=2, subpixel=1, antialias=antialias, replicate=replicate)
+        with torch.no_grad():
+            gen.out.weight.zero_()
+            gen.out.bias.copy_(torch.tensor([-1.0, 1.0, 0.5, -0.5]))  # the four sub-pixels of every output pixel
+        return torch.logit(gen.eval()(torch.randn(2, 10)))[..., 1:-1, 1:-1]
+
+    dotted, flat = output(0), output(1)
+    assert dotted.std() > 0.5
+    assert torch.allclose(flat, torch.zeros_like(flat), atol=1e-5)
+
+
 def test_architecture_parameters_the_crop_does_not_allow_are_named():
     with pytest.raises(SpecError, match=r"63-pixel crops.*even crop size"):
         archs.build("cp2image-decoder", 12, 3, 63, subpixel=1)

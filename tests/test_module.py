@@ -27,7 +27,7 @@ from cellprofiler_core.pipeline import Pipeline  # noqa: E402
 from cellprofiler_core.preferences import ABSOLUTE_FOLDER_NAME  # noqa: E402
 from cellprofiler_core.setting import ValidationError  # noqa: E402
 from cellprofiler_core.workspace import Workspace  # noqa: E402
-from cp2image import LAYOUT_OBJECT, MODEL_CUSTOM, CP2Image  # noqa: E402
+from cp2image import LAYOUT_OBJECT, MODEL_CUSTOM, MODEL_REALISTIC, CP2Image  # noqa: E402
 
 
 def real_feature_rows(export: Path, spec, rows: list[int]) -> np.ndarray:
@@ -225,6 +225,24 @@ def test_validation_names_missing_features_and_their_module(tiny_model, tmp_path
     pipeline.add_module(module)
     with pytest.raises(ValidationError, match=r"MeasureTexture on Nuclei: Texture_\w+_DNA"):
         module.test_valid(pipeline)
+
+
+def test_both_shipped_models_validate_in_the_examplefly_features_pipeline():
+    """Each shipped model's features are all measured by the ExampleFly features pipeline; the choice picks the file."""
+    pipeline = Pipeline()
+    pipeline.load(str(ROOT / "pipelines" / "ExampleFly_features.cppipe"))
+    module = CP2Image()
+    module.set_module_num(len(pipeline.modules()) + 1)
+    pipeline.add_module(module)
+    paths = set()
+    for choice in module.model_choice.choices:
+        if choice != MODEL_CUSTOM:
+            module.model_choice.value = choice
+            module.test_valid(pipeline)
+            paths.add(module.model_path())
+    assert len(paths) == 2 and all(Path(p).is_file() for p in paths)
+    module.model_choice.value = MODEL_REALISTIC
+    assert module.model_path().endswith("weights/cp2image-realistic.safetensors")
 
 
 def test_validation_of_a_bad_model_file(tmp_path, tiny_model):

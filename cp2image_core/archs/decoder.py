@@ -8,6 +8,8 @@ last x2 step is a sub-pixel convolution (the last conv predicts the 2 x 2 pixels
 neighbouring 2 x 2 groups can be blended instead of forming a checkerboard; ``icnr=1`` initializes the sub-pixel
 conv so that training starts from nearest-neighbour up-sampling (no checkerboard at the start). ``replicate=1`` pads
 every conv by repeating the edge pixels instead of zeros, so the crop's border is not drawn as a frame.
+``antialias=1`` blurs the sub-pixel output with a fixed binomial filter, which removes exactly the 2-pixel period that
+the four sub-pixel filters otherwise drift into (a regular dotted texture).
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
 class Decoder(nn.Module):
     def __init__(self, n_features: int, n_channels: int, crop_size: int,
                  width: int = 128, n_up: int = 4, hidden: int = 512, subpixel: int = 0, smooth: int = 0,
-                 low_res_first: int = 0, icnr: int = 0, replicate: int = 0) -> None:
+                 low_res_first: int = 0, icnr: int = 0, replicate: int = 0, antialias: int = 0) -> None:
         super().__init__()
         if subpixel and crop_size % 2:
             raise ValueError(f"subpixel=1 needs an even crop size, not {crop_size}")
@@ -64,6 +66,13 @@ class Decoder(nn.Module):
                                    for i in range(n_up)])
         self.out = nn.Conv2d(chans[-1], n_channels * (4 if subpixel else 1), 3, padding=1, padding_mode=pad)
         self.smooth = nn.Conv2d(n_channels, n_channels, 3, padding=1, padding_mode=pad) if smooth else None
+        self.pad = pad
+        if antialias:  # a fixed [1 2 1] x [1 2 1] / 16 blur after the shuffle: zero gain at the 2-pixel period
+            taps = torch.tensor([1.0, 2.0, 1.0])
+            kernel = (torch.outer(taps, taps) / 16).expand(n_channels, 1, 3, 3).contiguous()
+            self.register_buffer("blur", kernel, persistent=False)
+        else:
+            self.blur = None
         if subpixel and icnr:  # start with the four sub-pixels of each output pixel equal (Aitken et al. 2017)
             with torch.no_grad():
                 self.out.weight.copy_(self.out.weight[::4].repeat_interleave(4, 0))
@@ -82,6 +91,9 @@ class Decoder(nn.Module):
         x = self.out(x)
         if self.subpixel:
             x = F.pixel_shuffle(x, 2)
+        if self.blur is not None:
+            x = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate" if self.pad == "replicate" else "constant"),
+                         self.blur, groups=x.shape[1])
         if self.smooth is not None:
             x = x + self.smooth(x)
         return torch.sigmoid(x)
