@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cp2image-installed
 
-.PHONY: install demo test lint bench train-default clean-demo gui-setup gui-screenshots
+.PHONY: install demo test lint bench train-default train-realistic clean-demo gui-setup gui-screenshots
 
 install: $(STAMP)
 
@@ -27,6 +27,9 @@ bench: $(STAMP)
 
 train-default: $(STAMP)
 	bash scripts/train_default.sh
+
+train-realistic: $(STAMP)
+	bash scripts/train_realistic.sh
 
 gui-setup: $(STAMP)
 	bash scripts/gui_setup.sh

@@ -7,16 +7,8 @@ WORK=${WORK:-build/examplefly}
 ARCH=${ARCH:-cp2image-decoder}
 OUT=${OUT:-weights/cp2image-default.safetensors}
 STEPS=${STEPS:-3000}
-PY="$VENV/bin/python"
-if [ ! -f "$WORK/features/Nuclei.csv" ]; then
-  SRC=$("$PY" -c 'import cellprofiler, os; print(os.path.join(os.path.dirname(cellprofiler.__file__), "data/examples/ExampleFly/images"))')
-  mkdir -p "$WORK/images"
-  cp -u "$SRC"/*.TIF "$WORK/images/"
-  echo "== measuring features: pipelines/ExampleFly_features.cppipe on $WORK/images"
-  "$VENV/bin/cellprofiler" -c -r -p pipelines/ExampleFly_features.cppipe -i "$WORK/images" -o "$WORK/features" \
-    > "$WORK/features.log" 2>&1
-fi
-"$PY" -m cp2image_core.train --export-dir "$WORK/features" --objects Nuclei \
+VENV="$VENV" WORK="$WORK" bash scripts/examplefly_features.sh
+"$VENV/bin/python" -m cp2image_core.train --export-dir "$WORK/features" --objects Nuclei \
   --feature-objects Nuclei Cells Cytoplasm --channels DNA FITC Rhodamine --crop-size 64 --val-images 1 \
   --arch "$ARCH" --loss l1 --steps "$STEPS" --val-every 500 --seed 0 --mask-image NucleiLabels --threads 2 \
   --arch-param n_up=3 subpixel=1 smooth=1 low_res_first=1 icnr=1 --texture-loss 0.05 --intensity-loss 0.05 --shape-loss 0.05 \

@@ -150,3 +150,32 @@ def test_describe_lists_channels_and_the_modules_that_measure_the_features(tmp_p
     assert "channels (grayscale images, in order): DNA, FITC" in out
     assert "MeasureObjectSizeShape on Nuclei: 1 (AreaShape_Area)" in out
     assert "MeasureObjectIntensity on Cells: 1 (Intensity_MeanIntensity_DNA)" in out
+
+
+@pytest.mark.parametrize("model, script", [("cp2image-default", "train_default.sh"),
+                                           ("cp2image-realistic", "train_realistic.sh")])
+def test_shipped_models_were_made_by_their_training_scripts_recipe(model, script):
+    """The recipe in scripts/ (what `make train-default` / `make train-realistic` run) is the one stored in the
+    shipped file's spec: the same architecture parameters and the same loss options."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "scripts" / script).read_text().replace("\\\n", " ")
+    spec = read_spec(root / "weights" / f"{model}.safetensors")
+    params = re.search(r"--arch-param ((?:\w+=\d+ ?)+)", text).group(1).split()
+    assert dict(p.split("=") for p in params) == {k: str(v) for k, v in spec.arch_params.items()}
+    command = shlex.split(spec.training["command"])
+    for option in ("--loss", "--texture-loss", "--intensity-loss", "--shape-loss", "--adv-surround",
+                   "--surround-weight", "--adv-weight", "--texture-scale", "--mask-image", "--crop-size"):
+        in_script = re.search(rf"{option} ((?:[^\s-][^\s]* ?)+)", text)
+        stored = [i for i, a in enumerate(command) if a == option]
+        assert bool(in_script) == bool(stored), f"{option}: in {script} but not in {model}'s spec, or back"
+        if stored:
+            i = stored[-1] + 1  # argparse keeps the last occurrence
+            values = []
+            while i < len(command) and not command[i].startswith("--"):
+                values.append(command[i])
+                i += 1
+            assert in_script.group(1).split() == values, option

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Retrain the shipped realistic-looking model: the default model fine-tuned in two stages of 2,000 steps with a
+# critic that sees only each crop's surroundings (the cell itself stays under the pixel, texture, intensity and
+# outline losses). Needs weights/cp2image-default.safetensors (make train-default, or the shipped file).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+WORK=${WORK:-build/examplefly}
+INIT=${INIT:-weights/cp2image-default.safetensors}
+STAGE1=${STAGE1:-runs/models/realistic-stage1.safetensors}
+OUT=${OUT:-weights/cp2image-realistic.safetensors}
+STEPS=${STEPS:-2000}
+VENV="$VENV" WORK="$WORK" bash scripts/examplefly_features.sh
+mkdir -p "$(dirname "$STAGE1")"
+stage() {  # stage INIT OUT LR SEED [extra train options]
+  "$VENV/bin/python" -m cp2image_core.train --export-dir "$WORK/features" --objects Nuclei \
+    --feature-objects Nuclei Cells Cytoplasm --channels DNA FITC Rhodamine --crop-size 64 --val-images 1 \
+    --mask-image NucleiLabels --threads 2 --arch cp2image-decoder \
+    --arch-param n_up=3 subpixel=1 smooth=1 low_res_first=1 icnr=1 replicate=1 antialias=1 \
+    --loss adversarial --adv-surround 3 --surround-weight 0.2 --adv-weight 0.1 --adv-start 0 \
+    --texture-scale 1 2 3 --texture-loss 0.1 --intensity-loss 0.1 --shape-loss 0.05 \
+    --steps "$STEPS" --val-every 1000 --init-from "$1" --out "$2" --lr "$3" --seed "$4" \
+    --run-dir "runs/$(basename "$2" .safetensors)" "${@:5}"
+}
+stage "$INIT" "$STAGE1" 5e-4 0 "$@"
+stage "$STAGE1" "$OUT" 2.5e-4 1 "$@"
