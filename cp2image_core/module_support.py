@@ -48,7 +48,7 @@ def default_model_path() -> Path:
 
 
 def realistic_model_path() -> Path:
-    """The shipped alternative that draws plausible surroundings and cell texture (weights/README.md)."""
+    """The shipped alternative that draws cells harder to tell from real crops (weights/README.md)."""
     return default_model_path().with_name(REALISTIC_MODEL)
 
 

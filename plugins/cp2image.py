@@ -147,9 +147,9 @@ class CP2Image(Module):
             [MODEL_DEFAULT, MODEL_REALISTIC, MODEL_CUSTOM],
             doc=f"*{MODEL_DEFAULT}*: the generator shipped in cp2image's ``weights/`` folder, trained on "
             f"CellProfiler's ExampleFly cells; its cells re-measure closest to the input features. "
-            f"*{MODEL_REALISTIC}*: the same model fine-tuned to draw plausible neighbours and cell texture "
-            "(harder to tell from real crops, at a small cost in re-measured texture and shape; see "
-            f"``weights/README.md``). *{MODEL_CUSTOM}*: a ``.safetensors`` model you trained "
+            f"*{MODEL_REALISTIC}*: the same model fine-tuned so that its cells are harder to tell "
+            "from real crops (no dotted texture, neighbour-like surroundings), at a small cost in re-measured "
+            f"texture and shape (see ``weights/README.md``). *{MODEL_CUSTOM}*: a ``.safetensors`` model you trained "
             "with ``python -m cp2image_core.train`` on your own screen.",
         )
         self.model_file = Pathname(
