@@ -23,6 +23,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/generator_throughput.py
 	$(PY) benchmarks/module_overhead.py
+	$(PY) benchmarks/pytorch_options.py
 	$(PY) benchmarks/training_throughput.py
 
 train-default: $(STAMP)

@@ -1,6 +1,7 @@
 """Raw generator throughput vs batch size, FLOPs per cell and the roofline of this machine.
 
     .venv/bin/python benchmarks/generator_throughput.py [--models ...] [--batches 1 16 64 256]
+        [--precision auto fp32 bf16 fp16]
 
 Prints, for each architecture at its model's crop size: dense FLOPs per cell (PyTorch's FLOP
 counter), cells/s per batch size, and the fraction of the roofline = (this run's fp32 matmul
@@ -17,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cp2image_core import archs
 from cp2image_core.modelfile import read_spec
-from cp2image_core.synthesize import load_synthesizer_uncached, resolve_device
+from cp2image_core.synthesize import PRECISIONS, load_synthesizer_uncached, resolve_device
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,6 +80,8 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=[str(ROOT / "weights" / "cp2image-default.safetensors")])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 32, 64, 256])
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", nargs="+", default=["auto"], choices=PRECISIONS,
+                   help="arithmetic of the shipped models' runs (auto: fp16 on CUDA, fp32 on the CPU)")
     p.add_argument("--speed-only", nargs="*", default=["cp2image-paper@68"],
                    help="ARCH@CROP generators timed with fresh weights (speed does not depend on weights), "
                         "with the default model's feature count and 3 channels; the paper generator is timed "
@@ -88,18 +91,19 @@ def main() -> None:
     rate = matmul_rate(device)
     print(f"device {device}, {torch.get_num_threads()} threads; fp32 2048^2 matmul: {rate / 1e9:.0f} GFLOP/s")
     best: dict[str, float] = {}  # best cells/s over batch sizes, per model and per speed-only path
-    for m in a.models:
+    for m, precision in ((m, x) for m in a.models for x in a.precision):
         spec = read_spec(m)
-        synth = load_synthesizer_uncached(m, a.device)
+        synth = load_synthesizer_uncached(m, a.device, precision)
         gen = archs.build(spec.arch, spec.n_features, spec.n_channels, spec.crop_size, **spec.arch_params).eval()
         f = flops_per_cell(gen, spec.n_features)
         roof = rate / f
-        print(f"\n{Path(m).name} [{spec.arch}] {spec.n_channels}x{spec.crop_size}x{spec.crop_size}: "
-              f"{f / 1e6:.0f} MFLOP/cell (dense) -> roofline {roof:.0f} cells/s")
+        name = Path(m).name + (f" {precision} ({synth.amp or torch.float32})" if len(a.precision) > 1 else "")
+        print(f"\n{name} [{spec.arch}] {spec.n_channels}x{spec.crop_size}x{spec.crop_size}: "
+              f"{f / 1e6:.0f} MFLOP/cell (dense) -> roofline {roof:.0f} cells/s (fp32)")
         print("batch  cells/s  % of roofline")
         for b in a.batches:
             c = cells_per_s(synth, b)
-            best[Path(m).name] = max(best.get(Path(m).name, 0.0), c)
+            best[name] = max(best.get(name, 0.0), c)
             print(f"{b:5d}  {c:7.0f}  {100 * c / roof:6.1f}%")
     n_features = read_spec(a.models[0]).n_features
     for item in a.speed_only:

@@ -1,7 +1,7 @@
 """The CP2Image module's throughput inside a real headless CellProfiler run vs the raw generator and the roofline.
 
     .venv/bin/python benchmarks/module_overhead.py [--model M.safetensors | --speed-only cp2image-paper@68]
-        [--batch-size 64] [--fields 01_POS002 01_POS076 01_POS218]
+        [--batch-size 64] [--precision auto|fp32|bf16|fp16] [--fields 01_POS002 01_POS076 01_POS218]
 
 Runs pipelines/ExampleFly_CP2Image.cppipe headless on the ExampleFly fields (with the chosen model and batch
 size), reads CellProfiler's own per-module wall times, and prints CP2Image's cells/s, its share of the
@@ -33,6 +33,9 @@ from cp2image_core.modelfile import read_spec, save_model  # noqa: E402
 from cp2image_core.report_demo import module_times  # noqa: E402
 from cp2image_core.synthesize import load_synthesizer_uncached  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "plugins"))
+from cp2image import PRECISION_AUTO, PRECISIONS  # noqa: E402
+
 SHIPPED = ROOT / "weights/cp2image-default.safetensors"
 
 
@@ -58,6 +61,8 @@ def main() -> None:
     p.add_argument("--fields", nargs="+", default=["01_POS002", "01_POS076", "01_POS218"])
     p.add_argument("--batch-size", type=int, default=64, help="the module's batch size (the demo pipeline's: 64)")
     p.add_argument("--model", default=str(SHIPPED), help="model file the module runs (default: the shipped one)")
+    p.add_argument("--precision", default="auto", choices=list(PRECISIONS.values()),
+                   help="the module's Precision setting, and the raw generator's (auto: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--speed-only", default=None, metavar="ARCH@CROP",
                    help="run a fresh-weights model of this architecture and crop size instead, e.g. cp2image-paper@68")
     a = p.parse_args()
@@ -72,7 +77,9 @@ def main() -> None:
         model = speed_only_model(a.speed_only, Path(tmp)) if a.speed_only else Path(a.model).resolve()
         text = (ROOT / "pipelines/ExampleFly_CP2Image.cppipe").read_text()
         for old, new in (("Model:Default model (shipped)", "Model:Model file"),
-                         ("Model file:\n", f"Model file:{model}\n"), ("Batch size:64", f"Batch size:{a.batch_size}")):
+                         ("Model file:\n", f"Model file:{model}\n"), ("Batch size:64", f"Batch size:{a.batch_size}"),
+                         (f"Precision:{PRECISION_AUTO}", "Precision:" + next(k for k, v in PRECISIONS.items()
+                                                                             if v == a.precision))):
             assert old in text, old
             text = text.replace(old, new)
         pipeline = Path(tmp) / "pipeline.cppipe"
@@ -92,7 +99,7 @@ def main() -> None:
         cells = _numeric(Path(tmp) / "out" / "Image.csv", ih, irows, "CP2Image_Count_Nuclei")
         flops = dense_flops(model)
         t = time.perf_counter()
-        synth = load_synthesizer_uncached(model, "auto")
+        synth = load_synthesizer_uncached(model, "auto", a.precision)
         load_s = time.perf_counter() - t
     times = module_times(proc.stdout + proc.stderr)
     cp = np.array(times["CP2Image"])
@@ -103,7 +110,8 @@ def main() -> None:
     raw_rate = max(_rate(synth, z, a.batch_size) for _ in range(3))
     rate = (rate_before + matmul_rate(torch.device("cpu"))) / 2
     roof = rate / flops
-    print(f"model {model.name} [{synth.spec.arch}] {synth.spec.n_channels}x{synth.spec.crop_size}x"
+    print(f"model {model.name} [{synth.spec.arch}], precision {a.precision} ({synth.amp or torch.float32}) "
+          f"{synth.spec.n_channels}x{synth.spec.crop_size}x"
           f"{synth.spec.crop_size}, {flops / 1e6:.0f} MFLOP/cell dense; fp32 matmul {rate / 1e9:.0f} GFLOP/s "
           f"({torch.get_num_threads()} threads) -> roofline {roof:.0f} cells/s")
     print(f"{int(cells.sum())} cells in {len(cp)} image sets; whole headless run {wall:.0f} s")

@@ -42,34 +42,77 @@ def build_generator(spec: ModelSpec) -> torch.nn.Module:
     return archs.build(spec.arch, spec.n_features, spec.n_channels, spec.crop_size, **spec.arch_params)
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The reduced precision the generator runs in, or None for fp32.
+
+    'auto' is fp16 on CUDA (11-bit mantissa: within 0.0015 of fp32 on the shipped models) and fp32 on the CPU,
+    where PyTorch's fp16 kernels are slow; 'bf16' is 1.2-1.5x faster than fp32 on CPUs with bf16 instructions,
+    within 0.01 (2.5 grey levels of an 8-bit image) of fp32.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"Unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 class Synthesizer:
     """A loaded generator: standardized features (N, F) -> images (N, C, S, S) in CellProfiler units."""
 
-    def __init__(self, spec: ModelSpec, generator: torch.nn.Module, device: torch.device) -> None:
+    def __init__(self, spec: ModelSpec, generator: torch.nn.Module, device: torch.device,
+                 precision: str = "auto") -> None:
         self.spec = spec
         self.device = device
+        self.amp = autocast_dtype(device, precision)
         self.generator = generator.to(device).eval()
         if device.type == "cpu":
             self.generator = self.generator.to(memory_format=torch.channels_last)
+
+    def _launch(self, z: torch.Tensor, amp: bool = True) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Start one batch; on CUDA the copy to (pinned) host memory is queued, not waited for."""
+        dtype = self.amp if amp else None
+        with torch.inference_mode():
+            with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                out = self.generator(z).float()
+            if self.device.type != "cuda":
+                return out, None
+            host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            host.copy_(out, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            return host, done
+
+    def _ready(self, z: torch.Tensor, images: torch.Tensor, done: torch.cuda.Event | None) -> np.ndarray:
+        """Wait for a launched batch; a reduced-precision batch that overflowed is recomputed in fp32."""
+        if done is not None:
+            done.synchronize()
+        out = images.numpy()
+        if self.amp is not None and not np.isfinite(out).all():
+            log.warning("CP2Image: non-finite values in %s; recomputing this batch in fp32", self.amp)
+            out = self._ready(z, *self._launch(z, amp=False))
+        return out
 
     def iter_generate(self, z: np.ndarray, batch_size: int = 64):
         """Yield (first index, images) batch by batch; a CUDA out-of-memory batch is retried at half size.
 
         ``batch_size`` is an upper bound: the objects are split into as many batches as it asks for, of equal
         size (283 cells at 64 run as 4 x 57 + 55, not 4 x 64 + 27: ~9% faster on CPU, where a small last batch wastes
-        the vectorized loops' width).
+        the vectorized loops' width). Each batch is yielded after the next one is launched, so on a GPU the
+        caller's work on one batch (writing, pasting) overlaps the generator's on the next.
         """
         z = np.asarray(z, dtype=np.float32).reshape(-1, self.spec.n_features)
         bs = max(1, int(batch_size))
         if len(z):
             n_batches = -(-len(z) // bs)  # ceiling divisions
             bs = -(-len(z) // n_batches)
-        start = 0
+        start, pending = 0, None
+        zt = torch.from_numpy(z).to(self.device)  # one copy to the device, not one per batch
         while start < len(z):
             try:
-                with torch.inference_mode():
-                    batch = torch.from_numpy(z[start:start + bs]).to(self.device)
-                    images = self.generator(batch).float().cpu().numpy()
+                launched = self._launch(zt[start:start + bs])
             except torch.cuda.OutOfMemoryError:
                 if bs == 1:
                     raise
@@ -78,8 +121,12 @@ class Synthesizer:
                     torch.cuda.empty_cache()
                 log.warning("CP2Image: CUDA out of memory; retrying with batch size %d", bs)
                 continue
-            yield start, images
-            start += len(images)
+            if pending is not None:
+                yield pending[0], self._ready(*pending[1:])
+            pending = (start, zt[start:start + bs], *launched)
+            start += len(launched[0])
+        if pending is not None:
+            yield pending[0], self._ready(*pending[1:])
 
     def generate(self, z: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Images (N, C, S, S) for standardized features ``z`` (N, F), computed in batches."""
@@ -91,7 +138,7 @@ class Synthesizer:
         return out
 
 
-def load_synthesizer_uncached(path: str | os.PathLike, device: str = "auto") -> Synthesizer:
+def load_synthesizer_uncached(path: str | os.PathLike, device: str = "auto", precision: str = "auto") -> Synthesizer:
     spec, tensors = load_model(path)
     gen = build_generator(spec)
     try:
@@ -102,23 +149,23 @@ def load_synthesizer_uncached(path: str | os.PathLike, device: str = "auto") -> 
             f"Model file {path}: its weights do not fit what its spec says (architecture {spec.arch!r}, "
             f"{spec.n_features} features, {spec.n_channels} channels {', '.join(spec.channels)}, "
             f"{spec.crop_size}-pixel crops); was the spec edited? {detail}") from None
-    return Synthesizer(spec, gen, resolve_device(device))
+    return Synthesizer(spec, gen, resolve_device(device), precision)
 
 
 _CACHE: dict[tuple, Synthesizer] = {}
 _LOCK = threading.Lock()
 
 
-def load_synthesizer(path: str | os.PathLike, device: str = "auto") -> Synthesizer:
+def load_synthesizer(path: str | os.PathLike, device: str = "auto", precision: str = "auto") -> Synthesizer:
     """The model at ``path``, loaded once per process (CellProfiler workers each keep their own)."""
     p = Path(path).resolve()
     try:
         st = p.stat()
     except OSError:
         raise ModelFileError(f"Model file not found: {path}") from None
-    key = (str(p), st.st_mtime_ns, st.st_size, device)
+    key = (str(p), st.st_mtime_ns, st.st_size, device, precision)
     with _LOCK:
         if key not in _CACHE:
             _CACHE.clear()  # one model per process: free the previous one
-            _CACHE[key] = load_synthesizer_uncached(p, device)
+            _CACHE[key] = load_synthesizer_uncached(p, device, precision)
         return _CACHE[key]

@@ -100,6 +100,10 @@ MODEL_CUSTOM = "Model file"
 DEVICE_AUTO, DEVICE_CPU, DEVICE_GPU, DEVICE_GPU_ONLY = "Automatic", "CPU", "GPU", "GPU only (stop if none)"
 # setting -> cp2image_core device name
 DEVICES = {DEVICE_AUTO: "auto", DEVICE_CPU: "cpu", DEVICE_GPU: "cuda", DEVICE_GPU_ONLY: "cuda-only"}
+PRECISION_AUTO, PRECISION_FP32 = "Automatic (fp16 on a GPU, fp32 on the CPU)", "fp32 (full)"
+PRECISION_BF16, PRECISION_FP16 = "bfloat16 (faster on recent CPUs)", "float16"
+# setting -> cp2image_core precision name
+PRECISIONS = {PRECISION_AUTO: "auto", PRECISION_FP32: "fp32", PRECISION_BF16: "bf16", PRECISION_FP16: "fp16"}
 LAYOUT_STACK = "One TIFF stack per image set"
 LAYOUT_OBJECT = "One TIFF per object"
 CATEGORY = "CP2Image"
@@ -129,7 +133,7 @@ def _core():
 class CP2Image(Module):
     module_name = "CP2Image"
     category = "Object Processing"
-    variable_revision_number = 1
+    variable_revision_number = 2
     doi = {  # noqa: RUF012  (CellProfiler reads this class attribute)
         "Please cite the following when using CP2Image:": "https://openreview.net/forum?id=4LqtcKZoKeB",
         "CellProfiler 4:": "https://doi.org/10.1186/s12859-021-04344-9",
@@ -173,6 +177,15 @@ class CP2Image(Module):
             maxval=65536,
             doc="Objects synthesized together (default 64). Larger is faster on a GPU; lower it if memory "
             "runs out (on a GPU, out-of-memory batches are retried at half the size automatically).",
+        )
+        self.precision = Choice(
+            "Precision",
+            list(PRECISIONS),
+            doc=f"Arithmetic the generator runs in. *{PRECISION_AUTO}* (default): float16 on a GPU (pixels within "
+            f"0.0015 of fp32, on 0–1 intensities) and fp32 on the CPU. *{PRECISION_FP32}*: full precision "
+            f"everywhere. *{PRECISION_BF16}*: 1.2–1.5× faster than fp32 on CPUs with bfloat16 instructions, pixels "
+            "within 0.01 of fp32 (2.5 grey levels of an 8-bit image). A batch whose reduced-precision result "
+            "overflows is recomputed in fp32, with a warning.",
         )
         self.directory = Directory(
             "Output folder",
@@ -222,7 +235,7 @@ class CP2Image(Module):
     def settings(self):
         return [
             self.objects_name, self.model_choice, self.model_file, self.device, self.batch_size,
-            self.directory, self.file_layout, self.file_prefix, self.overwrite, self.wants_field,
+            self.precision, self.directory, self.file_layout, self.file_prefix, self.overwrite, self.wants_field,
             self.field_name,
         ]
 
@@ -230,14 +243,16 @@ class CP2Image(Module):
         result = [self.objects_name, self.model_choice]
         if self.model_choice == MODEL_CUSTOM:
             result.append(self.model_file)
-        result += [self.device, self.batch_size, self.directory, self.file_layout, self.file_prefix,
+        result += [self.device, self.batch_size, self.precision, self.directory, self.file_layout, self.file_prefix,
                    self.overwrite, self.wants_field]
         if self.wants_field:
             result.append(self.field_name)
         return result
 
     def upgrade_settings(self, setting_values, variable_revision_number, module_name):
-        # Revision 1 is the first; later revisions add their conversions here so saved pipelines load.
+        if variable_revision_number == 1:  # revision 2 added Precision after Batch size
+            setting_values = [*setting_values[:5], PRECISION_AUTO, *setting_values[5:]]
+            variable_revision_number = 2
         return setting_values, variable_revision_number
 
     # ---- helpers ---------------------------------------------------------------------------
@@ -284,7 +299,8 @@ class CP2Image(Module):
         support = _core()
         objects_name = self.objects_name.value
         measurements = workspace.measurements
-        synth = support.load_synthesizer(self.model_path(), DEVICES[self.device.value])
+        synth = support.load_synthesizer(self.model_path(), DEVICES[self.device.value],
+                                         PRECISIONS[self.precision.value])
         folder = self.directory.get_absolute_path(measurements)
         image_number = measurements.image_set_number
         labels = workspace.object_set.get_objects(objects_name).segmented

@@ -1,6 +1,7 @@
 """The CP2Image module in-process with real cellprofiler_core objects (pipeline, workspace, measurements)."""
 from __future__ import annotations
 
+import io
 import sys
 from pathlib import Path
 
@@ -27,7 +28,15 @@ from cellprofiler_core.pipeline import Pipeline  # noqa: E402
 from cellprofiler_core.preferences import ABSOLUTE_FOLDER_NAME  # noqa: E402
 from cellprofiler_core.setting import ValidationError  # noqa: E402
 from cellprofiler_core.workspace import Workspace  # noqa: E402
-from cp2image import LAYOUT_OBJECT, MODEL_CUSTOM, MODEL_REALISTIC, CP2Image  # noqa: E402
+from cp2image import (  # noqa: E402
+    LAYOUT_OBJECT,
+    MODEL_CUSTOM,
+    MODEL_REALISTIC,
+    PRECISION_AUTO,
+    PRECISION_BF16,
+    PRECISION_FP32,
+    CP2Image,
+)
 
 
 def real_feature_rows(export: Path, spec, rows: list[int]) -> np.ndarray:
@@ -268,7 +277,43 @@ def test_settings_visibility_and_revision():
     module.wants_field.value = True
     assert module.field_name in module.visible_settings()
     values = [s.value_text for s in module.settings()]
-    assert module.upgrade_settings(values, 1, "CP2Image") == (values, 1)
+    assert module.upgrade_settings(values, 2, "CP2Image") == (values, 2)
+
+
+def test_a_revision_1_pipeline_loads_with_automatic_precision():
+    """Pipelines saved before the Precision setting (revision 1) load with it at Automatic, the rest unchanged."""
+    text = (ROOT / "pipelines" / "ExampleFly_CP2Image.cppipe").read_text()
+    old = text.replace("CP2Image:[module_num:11|svn_version:'Unknown'|variable_revision_number:2",
+                       "CP2Image:[module_num:11|svn_version:'Unknown'|variable_revision_number:1")
+    old = old.replace(f"    Precision:{PRECISION_AUTO}\n", "").replace("    Batch size:64", "    Batch size:48")
+    assert old.count("variable_revision_number:1|") == 1 and "Precision:" not in old
+    from cellprofiler_core.utilities.core.modules import add_module_for_tst, fill_modules, get_module_names
+
+    if "MeasureTexture" not in get_module_names():
+        fill_modules()
+    add_module_for_tst(CP2Image)  # CellProfiler's hook for a module not found through the plugins folder
+    pipeline = Pipeline()
+    pipeline.loadtxt(io.StringIO(old), raise_on_error=True)
+    (module,) = [m for m in pipeline.modules() if m.module_name == "CP2Image"]
+    assert module.precision.value == PRECISION_AUTO
+    assert module.batch_size.value == 48 and module.directory.dir_choice == "Default Output Folder"
+    assert module.file_prefix.value == "CP2Image"
+
+
+def test_precision_setting_reaches_the_generator(tiny_model, fly_export, tmp_path):
+    """bfloat16 writes images within 0.02 of fp32's, and not the same ones: the setting is used."""
+    spec = read_spec(tiny_model)
+    raw = real_feature_rows(fly_export, spec, [0, 1, 2])
+    labels, centers = three_objects()
+    stacks = {}
+    for precision in (PRECISION_FP32, PRECISION_BF16):
+        out = tmp_path / precision.split()[0]
+        out.mkdir()
+        module, ws = make_workspace(tiny_model, out, raw, spec, labels, centers, precision=precision)
+        module.run(ws)
+        stacks[precision] = tifffile.imread(str(out / "CP2Image_Nuclei_ImageSet0001.tiff"))
+    diff = np.abs(stacks[PRECISION_FP32] - stacks[PRECISION_BF16])
+    assert 0 < diff.max() < 0.02
 
 
 def test_module_loads_without_torch_and_says_what_to_install():
@@ -276,6 +321,7 @@ def test_module_loads_without_torch_and_says_what_to_install():
     import subprocess
 
     code = f"""
+import io
 import sys
 sys.modules['torch'] = None  # as if PyTorch were not installed
 sys.path.insert(0, {str(ROOT / 'plugins')!r})

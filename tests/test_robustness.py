@@ -4,6 +4,7 @@ from __future__ import annotations
 import tracemalloc
 
 import numpy as np
+import pytest
 import tifffile
 import torch
 
@@ -105,3 +106,37 @@ def test_ten_thousand_objects_stream_in_bounded_memory(tiny_model, tmp_path):
         assert len(tif.pages) == n * spec.n_channels
         assert tif.pages[-1].asarray().std() > 0
     assert np.all(result.field[labels == 0] == 0)
+
+
+@pytest.mark.parametrize("precision, max_err, mean_err", [("bf16", 0.02, 0.002), ("fp16", 0.003, 0.0003)])
+def test_reduced_precision_stays_close_to_fp32(precision, max_err, mean_err):
+    """Both shipped models under autocast (run here on the CPU; on CUDA the same dtypes are used) against fp32."""
+    from conftest import SHIPPED
+
+    z = np.random.default_rng(0).standard_normal((32, read_spec(SHIPPED).n_features)).astype(np.float32)
+    for model in (SHIPPED, SHIPPED.with_name("cp2image-realistic.safetensors")):
+        ref = load_synthesizer_uncached(model, "cpu", "fp32").generate(z, 32)
+        out = load_synthesizer_uncached(model, "cpu", precision).generate(z, 32)
+        err = np.abs(out - ref)
+        assert 0 < err.max() < max_err and err.mean() < mean_err, (model.name, err.max(), err.mean())
+
+
+class Overflows(torch.nn.Module):
+    """A generator whose float16 intermediate overflows (1e5 > 65504), giving NaN; in fp32 it is 0.5 everywhere."""
+
+    def forward(self, z):
+        big = torch.nn.functional.linear(z, torch.full((4, z.shape[1]), 1e5))
+        return torch.sigmoid(big - big).reshape(len(z), 1, 2, 2)
+
+
+def test_an_overflowing_reduced_precision_batch_is_recomputed_in_fp32(caplog):
+    spec = ModelSpec(arch="cp2image-decoder", arch_params={}, object_name="Nuclei",
+                     features=[("Nuclei", "A"), ("Nuclei", "B")], feature_mean=[0.0, 0.0], feature_std=[1.0, 1.0],
+                     channels=["DNA"], crop_size=2)
+    z = np.ones((5, 2), np.float32)
+    with caplog.at_level("WARNING"):
+        out = Synthesizer(spec, Overflows(), torch.device("cpu"), "fp16").generate(z, 2)
+    assert np.all(out == 0.5)
+    assert sum("recomputing this batch in fp32" in r.message for r in caplog.records) == 3  # 3 batches of 2, 2, 1
+    with pytest.raises(ValueError, match="Unknown precision 'fp8'"):
+        Synthesizer(spec, Overflows(), torch.device("cpu"), "fp8")

@@ -98,7 +98,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     methods: dict[str, np.ndarray] = {"real crops (ceiling)": real}
     timings = {}
     for path, spec in zip(args.models, specs):
-        synth = load_synthesizer_uncached(path, "auto")
+        synth = load_synthesizer_uncached(path, "auto", "fp32")
         z, _ = standardize(raw_for(spec), spec)
         t0 = time.time()
         methods[Path(path).stem + f" [{spec.arch}]"] = synth.generate(z[val], batch_size=64)
@@ -249,7 +249,7 @@ def traverse(out: Path, model: str, ts, cell: int, feature: str, steps=(-2, -1, 
 
     from ..viz import to_rgb
 
-    synth = load_synthesizer_uncached(model, "auto")
+    synth = load_synthesizer_uncached(model, "auto", "fp32")
     spec = synth.spec
     obj, _, feat = feature.rpartition(".")
     key = (obj or spec.object_name, feat)
