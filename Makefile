@@ -24,6 +24,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/generator_throughput.py
 	$(PY) benchmarks/module_overhead.py
 	$(PY) benchmarks/pytorch_options.py
+	$(PY) benchmarks/analysis_workers.py
 	$(PY) benchmarks/training_throughput.py
 
 train-default: $(STAMP)

@@ -299,6 +299,7 @@ class CP2Image(Module):
         support = _core()
         objects_name = self.objects_name.value
         measurements = workspace.measurements
+        support.share_cpu_with_other_workers()
         synth = support.load_synthesizer(self.model_path(), DEVICES[self.device.value],
                                          PRECISIONS[self.precision.value])
         folder = self.directory.get_absolute_path(measurements)
