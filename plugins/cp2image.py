@@ -60,12 +60,19 @@ Every feature the model was trained on, measured by modules *before* CP2Image, u
 object and image names. The shipped default model (trained on CellProfiler's ExampleFly images)
 needs *Nuclei*, *Cells* and *Cytoplasm* measured by **MeasureObjectSizeShape**,
 **MeasureObjectIntensity** and **MeasureTexture** on images named *DNA*, *FITC* and *Rhodamine*,
-as in ``pipelines/ExampleFly_features.cppipe``. Missing features are reported before the run
+as in ``pipelines/ExampleFly_features.cppipe`` (so does the shipped *realistic-looking* model). Missing features are reported before the run
 starts, with the module that measures them. Features that are NaN or infinite for an object
 are replaced by the training mean and counted. For another model, ``python -m
 cp2image_core.modelfile MODEL.safetensors`` lists its objects, channel images and features by module.
 The generator reads only features; images named like the model's channels must be grayscale and
 the size of the objects' image (they are shown next to the synthesized cells).
+
+Speed
+^^^^^
+A CUDA GPU is used when present (*Compute device*), in float16 (*Precision*); on the CPU,
+*bfloat16* is faster on processors with bfloat16 instructions. In *Analyze Images* each worker
+process gives PyTorch its share of the CPU cores (cores ÷ *Maximum number of workers*), so that
+workers do not slow each other down; an ``OMP_NUM_THREADS`` you set is left alone.
 
 Measurements made by this module
 ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
