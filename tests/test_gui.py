@@ -39,7 +39,7 @@ def test_module_in_the_gui(tmp_path):
     assert "CP2Image" in steps["1-add-module.png"]["object_processing_modules"]
     # its settings render in the settings panel
     labels = " ".join(steps["2-settings.png"]["labels"])
-    for label in ("Select the input objects", "Model", "Compute device", "Output folder", "File layout"):
+    for label in ("Select the input objects", "Model", "Compute device", "Precision", "Output folder", "File layout"):
         assert label in labels
     # one image set ran in test mode and CP2Image's display drew real and synthesized cells
     display = steps["3-display.png"]
