@@ -66,6 +66,7 @@ def test_evaluate_on_real_cells(fly_export, tiny_model, tmp_path):
     # another cell's real crop keeps nothing of this cell's features: chance level
     assert abs(median_r("random training crop")) < 0.3 < median_r("nearest neighbour")
     assert all(0 <= r["c2st_cell"] <= 1 for r in res.values())
+    assert 0.3 <= real["c2st"] <= 0.7 and real["c2st_sd"] >= 0  # measured (two halves of the real cells), not set
     assert report["c2st_repeats"] == 2 and res["nearest neighbour"]["c2st_sd"] >= 0
     for f in ("report.md", "grid.png", "scatter.png", "r_hist.png", "traverse_Nuclei.AreaShape_Area.png"):
         assert (out / f).exists(), f
