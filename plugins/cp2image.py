@@ -60,10 +60,11 @@ Every feature the model was trained on, measured by modules *before* CP2Image, u
 object and image names. The shipped default model (trained on CellProfiler's ExampleFly images)
 needs *Nuclei*, *Cells* and *Cytoplasm* measured by **MeasureObjectSizeShape**,
 **MeasureObjectIntensity** and **MeasureTexture** on images named *DNA*, *FITC* and *Rhodamine*,
-as in ``pipelines/ExampleFly_features.cppipe`` (so does the shipped *realistic-looking* model). Missing features are reported before the run
-starts, with the module that measures them. Features that are NaN or infinite for an object
-are replaced by the training mean and counted. For another model, ``python -m
-cp2image_core.modelfile MODEL.safetensors`` lists its objects, channel images and features by module.
+as in ``pipelines/ExampleFly_features.cppipe`` (so does the shipped *realistic-looking* model).
+Missing features are reported before the run starts, with the module that measures them.
+Features that are NaN or infinite for an object are replaced by the training mean and counted.
+For another model, ``python -m cp2image_core.modelfile MODEL.safetensors`` lists its objects,
+channel images and features by module.
 The generator reads only features; images named like the model's channels must be grayscale and
 the size of the objects' image (they are shown next to the synthesized cells).
 
