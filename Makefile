@@ -15,6 +15,7 @@ demo: $(STAMP)
 	bash scripts/demo.sh
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
 lint: $(STAMP)

@@ -18,6 +18,6 @@ setup(
         "scikit-image",
         "matplotlib",
     ],
-    extras_require={"dev": ["pytest>=7", "pytest-timeout", "ruff", "hypothesis"]},
+    extras_require={"dev": ["pytest>=7", "pytest-timeout", "ruff==0.17.6", "hypothesis"]},
     entry_points={"console_scripts": ["cp2image-train=cp2image_core.train:main"]},
 )
