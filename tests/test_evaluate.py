@@ -65,7 +65,7 @@ def test_evaluate_on_real_cells(fly_export, tiny_model, tmp_path):
     assert median_r("mean training crop") < median_r("nearest neighbour")
     # another cell's real crop keeps nothing of this cell's features: chance level
     assert abs(median_r("random training crop")) < 0.3 < median_r("nearest neighbour")
-    assert all(0 <= r["c2st_cell"] <= 1 for r in res.values())
+    assert all(0 <= r["c2st_cell"] <= 1 and 0 <= r["c2st_context"] <= 1 for r in res.values())
     assert 0.3 <= real["c2st"] <= 0.7 and real["c2st_sd"] >= 0  # measured (two halves of the real cells), not set
     assert report["c2st_repeats"] == 2 and res["nearest neighbour"]["c2st_sd"] >= 0
     for f in ("report.md", "grid.png", "scatter.png", "r_hist.png", "traverse_Nuclei.AreaShape_Area.png"):
@@ -97,3 +97,6 @@ def test_shipped_models_keep_their_feature_preservation_and_realism(fly_export, 
         assert real["features"][family]["median_r"] > res["nearest neighbour"]["features"][family]["median_r"]
     assert real["features"]["all"]["median_r"] >= 0.85
     assert real["c2st_cell"] < model["c2st_cell"] - 0.05  # the point of the realistic model
+    # in its real surroundings the synthesized cell is far harder to spot than the whole synthesized crop
+    # (2026-11-28 on this field: 0.58 vs 0.90): what gives a crop away is the surroundings
+    assert real["c2st_context"] < real["c2st"] - 0.15

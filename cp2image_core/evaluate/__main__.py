@@ -124,7 +124,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     cell = cell_window(masks)
     seeds = range(args.seed, args.seed + max(1, args.c2st_repeats))
     for name, crops in methods.items():
-        for key, (a, b) in {"c2st": (real, crops), "c2st_cell": (real * cell, crops * cell)}.items():
+        pairs = {"c2st": (real, crops), "c2st_cell": (real * cell, crops * cell),
+                 "c2st_context": (real, crops * cell + real * (1 - cell))}
+        for key, (a, b) in pairs.items():
             acc = (real_vs_real(a, seeds) if name == "real crops (ceiling)"
                    else [c2st(a, b, seed=k) for k in seeds])
             results[name][key], results[name][key + "_sd"] = float(np.mean(acc)), float(np.std(acc))
@@ -157,14 +159,15 @@ def cell_window(masks: np.ndarray, grow: int = 3, blur: float = 1.5) -> np.ndarr
 
 def table(report: dict) -> str:
     head = ("| method | AreaShape r | Intensity r | Texture r | all r | r≥0.5 | r≥0.8 | R² | MSE | PSNR | SSIM "
-            "| C2ST acc | C2ST cell | KS |")
-    lines = [head, "|" + "---|" * 14]
+            "| C2ST acc | C2ST cell | C2ST in context | KS |")
+    lines = [head, "|" + "---|" * 15]
     for name, r in report["results"].items():
         f, p = r["features"], r["pixels"]
         lines.append(f"| {name} | " + " | ".join(f"{f[fam]['median_r']:.2f}" for fam in FAMILIES)
                      + f" | {f['all']['median_r']:.2f} | {f['all']['frac_ge_0.5']:.2f} | {f['all']['frac_ge_0.8']:.2f}"
                      + f" | {r['r2_median']:.2f} | {p['mse']:.5f} | {p['psnr']:.1f} | {p['ssim']:.3f}"
-                     + f" | {r['c2st']:.2f} | {r.get('c2st_cell', float('nan')):.2f} | {r['ks_median']:.2f} |")
+                     + "".join(f" | {r.get(k, float('nan')):.2f}" for k in ("c2st", "c2st_cell", "c2st_context"))
+                     + f" | {r['ks_median']:.2f} |")
     return "\n".join(lines)
 
 
@@ -190,9 +193,12 @@ of each crop's first channel), MeasureObjectIntensity and MeasureTexture (inside
 median R². Pixel metrics against the real crop (data range 1). C2ST: held-out accuracy of a small CNN telling
 real from synthesized crops (0.5 = indistinguishable; the mean of {report.get('c2st_repeats', 1)} classifiers);
 C2ST cell: the same with both crops multiplied by a window on the real object (its mask grown by 3 pixels,
-blurred), so the surroundings cannot give a crop away. On the real crops row, C2ST is measured between two
-random halves of the held-out cells (half as many per classifier): the test's own chance level. The random
-training crop row is a floor for both: real cells of the training fields, told from the held-out field's. KS:
+blurred), so the surroundings cannot give a crop away. C2ST in context: the synthesized cell (inside that window)
+pasted into its real crop's surroundings — how far the cell alone gives itself away where it really lies; the
+gap to C2ST acc is what the surroundings, which a cell's features do not determine, add. On the real crops
+row, C2ST is measured between two random halves of the held-out cells (half as many per classifier): the test's
+own chance level. The random training crop row is a floor for all three: real cells of the training fields,
+told from the held-out field's. KS:
 median Kolmogorov–Smirnov statistic between the re-measured features of real and synthesized crops.
 
 {table(report)}
