@@ -16,6 +16,7 @@ import argparse
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+from cp2image_core.dataset import TrainingSet
 from cp2image_core.evaluate.__main__ import cell_window
 from cp2image_core.evaluate.metrics import c2st
 from cp2image_core.features import standardize
@@ -29,10 +30,9 @@ def main() -> None:
     p.add_argument("--models", nargs="+", required=True)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
-    d = np.load(args.evalset)
-    names = list(d["feature_names"])
-    val, train = np.where(d["is_val"])[0], np.where(~d["is_val"])[0]
-    real, window, train_crops = d["crops"][val], cell_window(d["masks"][val]), d["crops"][train]
+    ts = TrainingSet.load(args.evalset)
+    val = ts.val_idx
+    real, window, train_crops = ts.crops[val], cell_window(ts.masks[val]), ts.crops[ts.train_idx]
     rng = np.random.default_rng(0)
 
     def acc(fake: np.ndarray) -> str:
@@ -45,7 +45,7 @@ def main() -> None:
     print(f"real cell on random training surroundings: {acc(real * window + background * (1 - window))}")
     for model in args.models:
         spec = read_spec(model)
-        z, _ = standardize(d["features"][:, [names.index(f"{o}\t{f}") for o, f in spec.features]], spec)
+        z, _ = standardize(ts.features[:, [ts.feature_names.index(f) for f in spec.features]], spec)
         fake = load_synthesizer_uncached(model, "cpu", "fp32").generate(z[val])
         print(f"{model}: as is {acc(fake)}; its cell on random training surroundings "
               f"{acc(fake * window + background * (1 - window))}")

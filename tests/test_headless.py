@@ -60,11 +60,12 @@ def test_two_processes_on_disjoint_image_set_ranges_write_what_one_process_write
     # starting at the same instant can both see it missing and one dies on FileExistsError (seen in CI)
     shared.mkdir()
     logs = [tmp_path / f"range{k}.log" for k in (1, 2)]
-    procs = [subprocess.Popen([CELLPROFILER, "-c", "-r", "-p", str(pipeline), "--plugins-directory",
-                               str(ROOT / "plugins"), "-i", str(images), "-o", str(shared),
-                               "-f", str(k), "-l", str(k)], stdout=log.open("w"), stderr=subprocess.STDOUT)
-             for k, log in zip((1, 2), logs)]
-    codes = [p.wait(timeout=900) for p in procs]
+    with logs[0].open("w") as out1, logs[1].open("w") as out2:
+        procs = [subprocess.Popen([CELLPROFILER, "-c", "-r", "-p", str(pipeline), "--plugins-directory",
+                                   str(ROOT / "plugins"), "-i", str(images), "-o", str(shared),
+                                   "-f", str(k), "-l", str(k)], stdout=out, stderr=subprocess.STDOUT)
+                 for k, out in ((1, out1), (2, out2))]
+        codes = [p.wait(timeout=900) for p in procs]
     assert codes == [0, 0], "\n".join(f"-f {k} exited {c}:\n{log.read_text()[-3000:]}"
                                       for k, c, log in zip((1, 2), codes, logs) if c)
     # both processes wrote into one folder at the same time (their CSVs clash there: give each its own on a cluster)
