@@ -7,6 +7,7 @@ import numpy as np
 from conftest import ROOT
 
 from cp2image_core.evaluate.__main__ import main as evaluate_main
+from cp2image_core.evaluate.__main__ import real_vs_real
 from cp2image_core.evaluate.metrics import c2st, pearson, pixel_metrics, r2, summarize_r
 
 
@@ -31,6 +32,17 @@ def test_c2st_identical_sets_near_chance_and_different_sets_separated():
     b = rng.random((200, 1, 16, 16)).astype(np.float32) * 0.2
     assert 0.35 <= c2st(a, b) <= 0.65
     assert c2st(a, b + 0.3) > 0.9
+
+
+
+def test_real_vs_real_splits_at_random_and_measures_each_classifier():
+    """The real-crop row's C2ST: random halves (a split in order would separate these two groups), each measured."""
+    rng = np.random.default_rng(2)
+    crops = np.concatenate([np.zeros((100, 1, 16, 16)), np.full((100, 1, 16, 16), 0.5)]).astype(np.float32)
+    crops += rng.random(crops.shape).astype(np.float32) * 0.2
+    accs = real_vs_real(crops, range(5))
+    assert len(accs) == 5 and all(0.3 <= a <= 0.7 for a in accs)
+    assert len(set(accs)) > 1  # five classifiers on five splits, not one figure repeated
 
 
 def test_cell_window_covers_the_object_and_fades_out():
