@@ -45,6 +45,10 @@ def main() -> None:
     print(f"real cell on random training surroundings: {acc(real * window + background * (1 - window))}")
     for model in args.models:
         spec = read_spec(model)
+        missing = [".".join(f) for f in spec.features if f not in ts.feature_names]
+        if missing:
+            raise SystemExit(f"{args.evalset} lacks {len(missing)} features {model} needs "
+                             f"(e.g. {', '.join(missing[:3])}): make it with the same features pipeline")
         z, _ = standardize(ts.features[:, [ts.feature_names.index(f) for f in spec.features]], spec)
         fake = load_synthesizer_uncached(model, "cpu", "fp32").generate(z[val])
         print(f"{model}: as is {acc(fake)}; its cell on random training surroundings "
