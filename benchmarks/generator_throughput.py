@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cp2image_core import archs
 from cp2image_core.modelfile import read_spec
-from cp2image_core.synthesize import PRECISIONS, load_synthesizer_uncached, resolve_device
+from cp2image_core.synthesize import PRECISIONS, build_generator, load_synthesizer_uncached, resolve_device
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,7 +94,7 @@ def main() -> None:
     for m, precision in ((m, x) for m in a.models for x in a.precision):
         spec = read_spec(m)
         synth = load_synthesizer_uncached(m, a.device, precision)
-        gen = archs.build(spec.arch, spec.n_features, spec.n_channels, spec.crop_size, **spec.arch_params).eval()
+        gen = build_generator(spec).eval()
         f = flops_per_cell(gen, spec.n_features)
         roof = rate / f
         name = Path(m).name + (f" {precision} ({synth.amp or torch.float32})" if len(a.precision) > 1 else "")

@@ -31,7 +31,7 @@ from cp2image_core import archs  # noqa: E402
 from cp2image_core.dataset import _numeric, _read_csv  # noqa: E402
 from cp2image_core.modelfile import read_spec, save_model  # noqa: E402
 from cp2image_core.report_demo import module_times  # noqa: E402
-from cp2image_core.synthesize import load_synthesizer_uncached  # noqa: E402
+from cp2image_core.synthesize import build_generator, load_synthesizer_uncached  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "plugins"))
 from cp2image import PRECISION_AUTO, PRECISIONS  # noqa: E402
@@ -52,7 +52,7 @@ def speed_only_model(item: str, folder: Path) -> Path:
 
 def dense_flops(model: Path) -> float:
     spec = read_spec(model)
-    gen = archs.build(spec.arch, spec.n_features, spec.n_channels, spec.crop_size, **spec.arch_params).eval()
+    gen = build_generator(spec).eval()
     return _dense_flops(gen, spec.n_features) if hasattr(gen, "net") else flops_per_cell(gen, spec.n_features)
 
 

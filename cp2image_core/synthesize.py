@@ -39,7 +39,11 @@ def resolve_device(choice: str = "auto", fallback: bool = True) -> torch.device:
 
 
 def build_generator(spec: ModelSpec) -> torch.nn.Module:
-    return archs.build(spec.arch, spec.n_features, spec.n_channels, spec.crop_size, **spec.arch_params)
+    """The spec's architecture, bound to the spec's features where it reads some of them directly."""
+    gen = archs.build(spec.arch, spec.n_features, spec.n_channels, spec.crop_size, **spec.arch_params)
+    if hasattr(gen, "bind_spec"):
+        gen.bind_spec(spec)
+    return gen
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

@@ -29,6 +29,7 @@ from .dataset import build_training_set
 from .errors import CP2ImageError
 from .features import fit_standardizer, standardize
 from .losses import (
+    edge_intensity_loss,
     gradient_outside,
     intensity_distribution_loss,
     outline_loss,
@@ -107,6 +108,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--intensity-loss", type=float, default=0.0,
                    help="weight of the loss on intensity quantiles (min, quartiles, max) inside the object mask "
                         "(what MeasureObjectIntensity reports; needs --mask-image; 0: off)")
+    m.add_argument("--edge-loss", type=float, default=0.0,
+                   help="weight of the same quantile loss on the object's edge pixels (MeasureObjectIntensity's "
+                        "*Edge features; needs --mask-image; 0: off)")
     m.add_argument("--shape-loss", type=float, default=0.0,
                    help="weight of the outline loss: the synthesized first channel's soft foreground at its own Otsu "
                         "threshold must be the object's mask, with a dark ring around it (MeasureObjectSizeShape "
@@ -231,9 +235,9 @@ def train(args: argparse.Namespace) -> int:
     z_all, _ = standardize(ts.features, spec)
     z_all = torch.from_numpy(z_all)
     x_all = torch.from_numpy(ts.crops)
-    if (args.texture_loss or args.intensity_loss or args.shape_loss) and ts.masks is None:
-        raise CP2ImageError("--texture-loss, --intensity-loss and --shape-loss need the object's mask: name the "
-                            "exported label image with --mask-image (e.g. NucleiLabels)")
+    if (args.texture_loss or args.intensity_loss or args.edge_loss or args.shape_loss) and ts.masks is None:
+        raise CP2ImageError("--texture-loss, --intensity-loss, --edge-loss and --shape-loss need the object's mask: "
+                            "name the exported label image with --mask-image (e.g. NucleiLabels)")
     m_all = torch.from_numpy(ts.masks).float()[:, None] if ts.masks is not None else None
     w_all = 1.0 + args.mask_weight * m_all if m_all is not None else torch.ones(len(ts.crops), 1, 1, 1)
     surround_all = None  # 1 outside the object's mask grown by --adv-surround pixels
@@ -331,6 +335,8 @@ def train(args: argparse.Namespace) -> int:
                 terms["tex"] = args.texture_loss, tex / len(args.texture_scale)
             if args.intensity_loss:
                 terms["int"] = args.intensity_loss, intensity_distribution_loss(fake, x, mask)
+            if args.edge_loss:
+                terms["edge"] = args.edge_loss, edge_intensity_loss(fake, x, mask)
             if args.shape_loss:
                 terms["shape"] = args.shape_loss, outline_loss(fake, mask)
             for name, (weight, value) in terms.items():

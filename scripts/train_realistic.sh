@@ -16,9 +16,9 @@ stage() {  # stage INIT OUT LR SEED [extra train options]
   "$VENV/bin/python" -m cp2image_core.train --export-dir "$WORK/features" --objects Nuclei \
     --feature-objects Nuclei Cells Cytoplasm --channels DNA FITC Rhodamine --crop-size 64 --val-images 1 \
     --mask-image NucleiLabels --threads 2 --arch cp2image-decoder \
-    --arch-param n_up=3 subpixel=1 smooth=1 low_res_first=1 icnr=1 replicate=1 antialias=1 \
+    --arch-param n_up=3 subpixel=1 smooth=1 low_res_first=1 icnr=1 replicate=1 antialias=1 anchor=1 \
     --loss adversarial --adv-surround 3 --surround-weight 0.2 --adv-weight 0.1 --adv-start 0 \
-    --texture-scale 1 2 3 --texture-loss 0.1 --intensity-loss 0.1 --shape-loss 0.05 \
+    --texture-scale 1 2 3 --texture-loss 0.1 --intensity-loss 0.1 --edge-loss 0.1 --shape-loss 0.05 \
     --steps "$STEPS" --val-every 1000 --init-from "$1" --out "$2" --lr "$3" --seed "$4" \
     --run-dir "runs/$(basename "$2" .safetensors)" "${@:5}"
 }

@@ -11,6 +11,7 @@ from cp2image_core.crops import FieldPainter, crop_objects, paste_into_objects
 from cp2image_core.errors import SpecError
 from cp2image_core.features import select_features, standardize
 from cp2image_core.spec import ModelSpec
+from cp2image_core.synthesize import build_generator
 
 
 def test_crop_is_centred_and_padded():
@@ -161,6 +162,49 @@ def test_decoder_antialias_removes_the_two_pixel_dots(replicate):
     dotted, flat = output(0), output(1)
     assert dotted.std() > 0.5
     assert torch.allclose(flat, torch.zeros_like(flat), atol=1e-5)
+
+
+def _anchor_spec(channels=("DNA", "FITC")) -> ModelSpec:
+    feats = [("Nuclei", "AreaShape_Area")]
+    for ch in channels:
+        feats += [("Nuclei", f"Intensity_MinIntensity_{ch}"), ("Nuclei", f"Intensity_MeanIntensity_{ch}"),
+                  ("Cells", f"Intensity_MinIntensity_{ch}")]
+    n = len(feats)
+    return ModelSpec(arch="cp2image-decoder", arch_params={"n_up": 2, "subpixel": 1, "anchor": 1},
+                     object_name="Nuclei", features=feats, feature_mean=[0.1 + 0.01 * i for i in range(n)],
+                     feature_std=[0.02] * n, channels=["DNA", "FITC"], crop_size=16)
+
+
+def test_decoder_anchor_draws_each_channel_relative_to_its_stated_intensities():
+    """With the MLP blind to the anchoring features, their raw values move each channel affinely: lo + (hi-lo) u,
+    lo the lowest MinIntensity of the channel's objects, hi the crop objects' MeanIntensity."""
+    spec = _anchor_spec()
+    gen = build_generator(spec).train()  # train mode: not clamped to 0..1
+    assert gen.anchor_index.tolist() == [[1, 3, 2], [4, 6, 5]]
+    with torch.no_grad():
+        gen.mlp[0].weight[:, 1:] = 0.0
+    mean, std = np.array(spec.feature_mean), np.array(spec.feature_std)
+
+    def image(raw):
+        with torch.no_grad():
+            return gen(torch.tensor((raw - mean) / std, dtype=torch.float32)[None])[0]
+
+    a = mean.copy()
+    b = mean.copy()
+    b[[1, 2, 3]] = [0.30, 0.70, 0.05]  # DNA: Nuclei min, Nuclei mean, Cells min (the lowest: lo)
+    b[[4, 5, 6]] = [0.02, 0.10, 0.08]  # FITC: Nuclei min is the lowest here
+    ya, yb = image(a), image(b)
+    expected = [(min(a[1], a[3]), a[2], 0.05, 0.70), (min(a[4], a[6]), a[5], 0.02, 0.10)]
+    for c, (lo_a, hi_a, lo_b, hi_b) in enumerate(expected):
+        u = (ya[c] - lo_a) / (hi_a - lo_a)
+        assert torch.allclose(yb[c], lo_b + (hi_b - lo_b) * u, atol=1e-5)
+    assert ya.std() > 0
+
+
+def test_decoder_anchor_names_the_channel_whose_intensity_features_are_missing():
+    spec = _anchor_spec(channels=("DNA",))
+    with pytest.raises(SpecError, match=r"channel 'FITC'.*Intensity_MinIntensity_FITC.*Nuclei"):
+        build_generator(spec)
 
 
 def test_architecture_parameters_the_crop_does_not_allow_are_named():

@@ -193,6 +193,25 @@ def test_outline_loss_thresholds_as_the_evaluation_segments(fly_export):
     assert 0.1 < outline_loss(crops, mask) < outline_loss(dim, mask)  # real crops: between the two
 
 
+def test_edge_loss_reads_the_pixels_cellprofiler_calls_the_edge(fly_export):
+    """The edge pixels are centrosome's outline of each real nucleus (what MeasureObjectIntensity's *Edge features
+    read); the edge loss is 0 for the real crop and rises when its outline is blurred into a ramp."""
+    from centrosome.outline import outline
+    from skimage.filters import gaussian
+
+    from cp2image_core.losses import edge_intensity_loss, object_edge
+
+    ts = build_training_set(fly_export, "Nuclei", ["Nuclei"], CHANNELS, 48, val_images=[1], seed=0,
+                            mask_image="NucleiLabels")
+    mask = torch.from_numpy(ts.masks[:40]).float()[:, None]
+    ours = object_edge(mask)[:, 0].numpy() > 0
+    assert np.array_equal(ours, np.stack([outline(m.astype(int)) > 0 for m in ts.masks[:40]])) and ours.any()
+    real = torch.from_numpy(ts.crops[:40])
+    blurred = torch.from_numpy(np.stack([np.stack([gaussian(ch, sigma=2.0) for ch in c]) for c in ts.crops[:40]]))
+    assert edge_intensity_loss(real, real, mask) == 0
+    assert edge_intensity_loss(blurred, real, mask) > 0.05
+
+
 def test_decoder_trains_with_texture_losses_and_arch_params(fly_export, tmp_path, capsys):
     out = tmp_path / "tex.safetensors"
     common = ["--export-dir", str(fly_export), *ARGS, "--crop-size", "32", "--steps", "4", "--batch-size", "8",
@@ -215,6 +234,16 @@ def test_decoder_trains_with_texture_losses_and_arch_params(fly_export, tmp_path
     capsys.readouterr()
     assert train_main([*args, "--out", str(tmp_path / "other.safetensors")]) == 2
     assert "differ from this training run's" in capsys.readouterr().err
+    # intensity anchoring and the edge loss; the module's loader binds the anchors from the file's spec
+    anchored = tmp_path / "anchored.safetensors"
+    assert train_main([*common, "--mask-image", "NucleiLabels", "--edge-loss", "0.1", "--arch-param", "width=32",
+                       "hidden=64", "anchor=1", "--steps", "2", "--out", str(anchored)]) == 0
+    assert "train_edge" in json.loads((Path(f"{anchored}.run") / "history.json").read_text())[-1]
+    synth = load_synthesizer_uncached(anchored, "cpu")
+    spec = synth.spec
+    z = np.zeros((3, spec.n_features), np.float32)
+    images = synth.generate(z)
+    assert images.shape == (3, len(CHANNELS), 32, 32) and images.min() >= 0 and images.max() <= 1
 
 
 def test_texture_loss_at_small_offsets_and_surroundings_only_gradient(fly_export):

@@ -10,6 +10,11 @@ conv so that training starts from nearest-neighbour up-sampling (no checkerboard
 every conv by repeating the edge pixels instead of zeros, so the crop's border is not drawn as a frame.
 ``antialias=1`` blurs the sub-pixel output with a fixed binomial filter, which removes exactly the 2-pixel period that
 the four sub-pixel filters otherwise drift into (a regular dotted texture).
+``anchor=1`` draws each channel relative to intensities the cell's own features state: the decoder's output u
+becomes ``lo + (hi - lo) * u`` per channel, with lo the lowest ``Intensity_MinIntensity_<channel>`` of the feature
+objects and hi the crop objects' ``Intensity_MeanIntensity_<channel>`` (``bind_spec`` finds them in the spec). A
+field imaged dimmer or brighter than the training fields then gives a dimmer or brighter cell instead of the
+training fields' level.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import SpecError
 from . import register
 
 
@@ -46,8 +52,12 @@ def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
 class Decoder(nn.Module):
     def __init__(self, n_features: int, n_channels: int, crop_size: int,
                  width: int = 128, n_up: int = 4, hidden: int = 512, subpixel: int = 0, smooth: int = 0,
-                 low_res_first: int = 0, icnr: int = 0, replicate: int = 0, antialias: int = 0) -> None:
+                 low_res_first: int = 0, icnr: int = 0, replicate: int = 0, antialias: int = 0,
+                 anchor: int = 0) -> None:
         super().__init__()
+        self.anchor = bool(anchor)
+        for name in ("anchor_index", "anchor_mean", "anchor_std"):  # set by bind_spec: (C, K lo + 1 hi) features
+            self.register_buffer(name, None, persistent=False)
         if subpixel and crop_size % 2:
             raise ValueError(f"subpixel=1 needs an even crop size, not {crop_size}")
         self.subpixel = bool(subpixel)
@@ -96,4 +106,36 @@ class Decoder(nn.Module):
                          self.blur, groups=x.shape[1])
         if self.smooth is not None:
             x = x + self.smooth(x)
-        return torch.sigmoid(x)
+        if not self.anchor:
+            return torch.sigmoid(x)
+        if self.anchor_index is None:
+            raise SpecError("cp2image-decoder with anchor=1 needs its spec's features: build it with "
+                            "cp2image_core.synthesize.build_generator(spec)")
+        raw = z.float()[:, self.anchor_index] * self.anchor_std + self.anchor_mean  # (N, C, K + 1) raw features
+        lo = raw[..., :-1].amin(-1)
+        hi = raw[..., -1]
+        x = lo[..., None, None] + (hi - lo).clamp_min(1e-3)[..., None, None] * x
+        return x if self.training else x.clamp(0.0, 1.0)
+
+    def bind_spec(self, spec) -> None:
+        """Find the anchoring features of each channel in ``spec`` (a no-op without ``anchor=1``)."""
+        if not self.anchor:
+            return
+        names = {(o, f): i for i, (o, f) in enumerate(spec.features)}
+        objects = list(dict.fromkeys(o for o, _ in spec.features))
+        rows = []
+        for ch in spec.channels:
+            lo = [names[(o, f"Intensity_MinIntensity_{ch}")] for o in objects
+                  if (o, f"Intensity_MinIntensity_{ch}") in names]
+            hi = names.get((spec.object_name, f"Intensity_MeanIntensity_{ch}"))
+            if not lo or hi is None:
+                raise SpecError(
+                    f"anchor=1 needs, for channel {ch!r}, MeasureObjectIntensity's Intensity_MinIntensity_{ch} of "
+                    f"some feature object and Intensity_MeanIntensity_{ch} of {spec.object_name}; the features "
+                    "lack them: measure intensity on that image or train without anchor=1")
+            rows.append(lo + [lo[-1]] * (len(objects) - len(lo)) + [hi])
+        index = torch.tensor(rows)
+        mean = torch.tensor(spec.feature_mean, dtype=torch.float32)[index]
+        std = torch.tensor(spec.feature_std, dtype=torch.float32)[index]
+        dev = self.out.weight.device
+        self.anchor_index, self.anchor_mean, self.anchor_std = index.to(dev), mean.to(dev), std.to(dev)
