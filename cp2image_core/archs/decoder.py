@@ -114,8 +114,10 @@ class Decoder(nn.Module):
         raw = z.float()[:, self.anchor_index] * self.anchor_std + self.anchor_mean  # (N, C, K + 1) raw features
         lo = raw[..., :-1].amin(-1)
         hi = raw[..., -1]
-        x = torch.addcmul(lo[..., None, None], (hi - lo).clamp_min(1e-3)[..., None, None], x)
-        return x if self.training else x.clamp_(0.0, 1.0)
+        lo, scale = lo[..., None, None], (hi - lo).clamp_min(1e-3)[..., None, None]
+        if self.training:
+            return lo + scale * x
+        return torch.addcmul(lo, scale, x).clamp_(0.0, 1.0)  # inference: one fused pass, in place
 
     def bind_spec(self, spec) -> None:
         """Find the anchoring features of each channel in ``spec`` (a no-op without ``anchor=1``)."""
