@@ -127,13 +127,13 @@ def test_shipped_models_draw_the_held_out_field_at_its_own_intensity(fly_export)
     from cp2image_core.features import standardize
     from cp2image_core.synthesize import load_synthesizer_uncached
 
+    ts = build_training_set(fly_export, "Nuclei", ["Nuclei", "Cells", "Cytoplasm"], CHANNELS, 64,
+                            val_images=[1], mask_image="NucleiLabels")
+    held = ts.val_idx
+    mask = ts.masks[held][:, None]
+    real = (ts.crops[held] * mask).sum((2, 3)).sum(0)
     for path in (SHIPPED, SHIPPED.with_name("cp2image-realistic.safetensors")):
         synth = load_synthesizer_uncached(path, "cpu")
-        ts = build_training_set(fly_export, "Nuclei", ["Nuclei", "Cells", "Cytoplasm"], CHANNELS, 64,
-                                val_images=[1], mask_image="NucleiLabels")
-        held = ts.val_idx
         z, _ = standardize(ts.features[held], synth.spec)
-        mask = ts.masks[held][:, None]
-        real = (ts.crops[held] * mask).sum((2, 3)).sum(0)
         ratio = (synth.generate(z) * mask).sum((2, 3)).sum(0) / real
         assert abs(ratio[0] - 1) < 0.10 and np.all(np.abs(ratio[1:] - 1) < 0.05), (path.name, ratio)
