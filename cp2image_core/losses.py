@@ -79,6 +79,16 @@ def intensity_distribution_loss(fake: torch.Tensor, real: torch.Tensor, mask: to
     return ((qf - qr).abs() / scale).mean()
 
 
+def level_loss(fake: torch.Tensor, real: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Relative L1 between the synthesized and real mean intensity inside the real mask, per channel
+    (MeanIntensity, and IntegratedIntensity with it): the pixel loss aims at each pixel's median, which a
+    skewed nuclear intensity distribution puts off the mean."""
+    m = mask.float()
+    area = m.sum((-2, -1)).clamp_min(1.0)
+    mf, mr = (fake.float() * m).sum((-2, -1)) / area, (real.float() * m).sum((-2, -1)) / area
+    return ((mf - mr).abs() / mr.abs().clamp_min(1e-3)).mean()
+
+
 def object_edge(mask: torch.Tensor) -> torch.Tensor:
     """The object's edge pixels as MeasureObjectIntensity's *Edge* features take them (centrosome's outline: pixels
     of the object with a pixel outside it among their 8 neighbours); (N, 1, H, W) 0/1."""
@@ -100,6 +110,26 @@ def _gaussian_blur(x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
     k = k / k.sum()
     x = F.pad(x, (r, r, r, r), mode="replicate")
     return F.conv2d(F.conv2d(x, k.view(1, 1, 1, -1)), k.view(1, 1, -1, 1))
+
+
+def fine_detail(x: torch.Tensor, sigma: float = 2.0) -> torch.Tensor:
+    """Each channel minus its Gaussian blur (``sigma`` pixels): the detail finer than a few pixels."""
+    n, c, h, w = x.shape
+    flat = x.float().reshape(n * c, 1, h, w)
+    return (flat - _gaussian_blur(flat, sigma)).reshape(n, c, h, w)
+
+
+def pattern_loss(fake: torch.Tensor, real: torch.Tensor, sigma: float = 2.0) -> torch.Tensor:
+    """L1 between the batch means of the synthesized and real crops' fine detail, per pixel, in units of the real
+    crops' detail SD per channel.
+
+    Real cells' fine detail (dots, speckles) falls anywhere and averages out over a batch of cells; a pattern a
+    generator draws into every cell at the same place — a grid locked to the pixel lattice, a bright spot on the
+    same side of every nucleus — does not, and it is what tells a synthesized cell from a real one at a glance.
+    """
+    df, dr = fine_detail(fake, sigma), fine_detail(real, sigma)
+    scale = dr.std((0, 2, 3)).clamp_min(1e-4)[:, None, None]
+    return ((df.mean(0) - dr.mean(0)).abs() / scale).mean()
 
 
 @torch.no_grad()

@@ -32,7 +32,9 @@ from .losses import (
     edge_intensity_loss,
     gradient_outside,
     intensity_distribution_loss,
+    level_loss,
     outline_loss,
+    pattern_loss,
     surroundings,
     texture_loss,
 )
@@ -108,9 +110,16 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--intensity-loss", type=float, default=0.0,
                    help="weight of the loss on intensity quantiles (min, quartiles, max) inside the object mask "
                         "(what MeasureObjectIntensity reports; needs --mask-image; 0: off)")
+    m.add_argument("--level-loss", type=float, default=0.0,
+                   help="weight of the relative error of the mean intensity inside the object mask, per channel "
+                        "(MeanIntensity; needs --mask-image; 0: off)")
     m.add_argument("--edge-loss", type=float, default=0.0,
                    help="weight of the same quantile loss on the object's edge pixels (MeasureObjectIntensity's "
                         "*Edge features; needs --mask-image; 0: off)")
+    m.add_argument("--pattern-loss", type=float, default=0.0,
+                   help="weight of the loss on the batch mean of the crops' fine detail (finer than ~2 pixels): a "
+                        "pattern drawn at the same place in every cell (a pixel-lattice grid, a spot on the same side "
+                        "of every nucleus) survives that mean, real cells' detail averages out (0: off)")
     m.add_argument("--shape-loss", type=float, default=0.0,
                    help="weight of the outline loss: the synthesized first channel's soft foreground at its own Otsu "
                         "threshold must be the object's mask, with a dark ring around it (MeasureObjectSizeShape "
@@ -235,9 +244,10 @@ def train(args: argparse.Namespace) -> int:
     z_all, _ = standardize(ts.features, spec)
     z_all = torch.from_numpy(z_all)
     x_all = torch.from_numpy(ts.crops)
-    if (args.texture_loss or args.intensity_loss or args.edge_loss or args.shape_loss) and ts.masks is None:
-        raise CP2ImageError("--texture-loss, --intensity-loss, --edge-loss and --shape-loss need the object's mask: "
-                            "name the exported label image with --mask-image (e.g. NucleiLabels)")
+    if (args.texture_loss or args.intensity_loss or args.level_loss or args.edge_loss or args.shape_loss) \
+            and ts.masks is None:
+        raise CP2ImageError("--texture-loss, --intensity-loss, --level-loss, --edge-loss and --shape-loss need the "
+                            "object's mask: name the exported label image with --mask-image (e.g. NucleiLabels)")
     m_all = torch.from_numpy(ts.masks).float()[:, None] if ts.masks is not None else None
     w_all = 1.0 + args.mask_weight * m_all if m_all is not None else torch.ones(len(ts.crops), 1, 1, 1)
     surround_all = None  # 1 outside the object's mask grown by --adv-surround pixels
@@ -335,10 +345,14 @@ def train(args: argparse.Namespace) -> int:
                 terms["tex"] = args.texture_loss, tex / len(args.texture_scale)
             if args.intensity_loss:
                 terms["int"] = args.intensity_loss, intensity_distribution_loss(fake, x, mask)
+            if args.level_loss:
+                terms["level"] = args.level_loss, level_loss(fake, x, mask)
             if args.edge_loss:
                 terms["edge"] = args.edge_loss, edge_intensity_loss(fake, x, mask)
             if args.shape_loss:
                 terms["shape"] = args.shape_loss, outline_loss(fake, mask)
+            if args.pattern_loss:
+                terms["pattern"] = args.pattern_loss, pattern_loss(fake, x)
             for name, (weight, value) in terms.items():
                 loss_g = loss_g + weight * value
                 logs[name] = value.item()

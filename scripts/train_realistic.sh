@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Retrain the shipped realistic-looking model: the default model fine-tuned in two stages of 2,000 steps with a
 # critic that sees only each crop's surroundings (the cell itself stays under the pixel, texture, intensity and
-# outline losses). Needs weights/cp2image-default.safetensors (make train-default, or the shipped file).
+# outline losses). It starts from the default model shipped until the pattern and level losses (2026-11-29, commit
+# a8f995b), which git keeps: the shipped realistic file was fine-tuned from it (INIT=... to start from another).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 WORK=${WORK:-build/examplefly}
-INIT=${INIT:-weights/cp2image-default.safetensors}
+INIT=${INIT:-runs/models/anchored-default.safetensors}
+mkdir -p "$(dirname "$INIT")"
+[ -f "$INIT" ] || git show a8f995b:weights/cp2image-default.safetensors > "$INIT"
 STAGE1=${STAGE1:-runs/models/realistic-stage1.safetensors}
 OUT=${OUT:-weights/cp2image-realistic.safetensors}
 STEPS=${STEPS:-2000}

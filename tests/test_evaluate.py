@@ -87,9 +87,9 @@ def test_evaluate_on_real_cells(fly_export, tiny_model, tmp_path):
 def test_shipped_models_keep_their_feature_preservation_and_realism(fly_export, tmp_path):
     """Regression guard: both shipped models on the held-out field 01_POS002 (image set 1), re-measured by
     CellProfiler (here nearest neighbour draws from one training field, not two). Floors sit a little under the
-    figures of the full report (2026-11-29; default: AreaShape 0.94, Intensity 0.96, Texture 0.94, all 0.94, SSIM
-    0.66 vs nearest neighbour's 0.55; realistic: AreaShape 0.93, Intensity 0.95, Texture 0.91, all 0.92, C2ST on
-    the whole crop 0.81 vs the default's 0.94, on the cell window 0.80 vs 0.93)."""
+    figures of the full report (2026-11-29; default: AreaShape 0.94, Intensity 0.94, Texture 0.93, all 0.93, SSIM
+    0.68 vs nearest neighbour's 0.55, C2ST on the cell window 0.57 — 0.94 before the pattern loss; realistic:
+    AreaShape 0.93, Intensity 0.95, Texture 0.91, all 0.92, C2ST on the whole crop 0.81 vs the default's 0.93)."""
     from conftest import SHIPPED
 
     realistic = SHIPPED.with_name("cp2image-realistic.safetensors")
@@ -100,7 +100,7 @@ def test_shipped_models_keep_their_feature_preservation_and_realism(fly_export, 
     model = next(v for k, v in res.items() if k.startswith("cp2image-default"))
     real = next(v for k, v in res.items() if k.startswith("cp2image-realistic"))
     assert model["features"]["AreaShape"]["median_r"] >= 0.88
-    assert model["features"]["Intensity"]["median_r"] >= 0.94  # 0.93 before intensity anchoring and the edge loss
+    assert model["features"]["Intensity"]["median_r"] >= 0.92
     assert model["features"]["Texture"]["median_r"] >= 0.90
     assert model["features"]["all"]["median_r"] >= 0.90
     assert model["pixels"]["ssim"] > res["nearest neighbour"]["pixels"]["ssim"]
@@ -110,7 +110,8 @@ def test_shipped_models_keep_their_feature_preservation_and_realism(fly_export, 
     assert real["features"]["all"]["median_r"] >= 0.88
     assert real["features"]["Intensity"]["median_r"] >= 0.92
     assert real["c2st"] < model["c2st"] - 0.05  # the point of the realistic model
-    assert real["c2st_cell"] < model["c2st_cell"] - 0.05
+    # the default's cells no longer carry a pattern at the same place in every cell (--pattern-loss): 0.57, was 0.94
+    assert model["c2st_cell"] < 0.70
     # in its real surroundings the synthesized cell is far harder to spot than the whole synthesized crop
     # (2026-11-29 on this field: 0.52 vs 0.81): what gives a crop away is the surroundings
     assert real["c2st_context"] < real["c2st"] - 0.15

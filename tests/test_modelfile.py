@@ -167,7 +167,8 @@ def test_shipped_models_were_made_by_their_training_scripts_recipe(model, script
     params = re.search(r"--arch-param ((?:\w+=\d+ ?)+)", text).group(1).split()
     assert dict(p.split("=") for p in params) == {k: str(v) for k, v in spec.arch_params.items()}
     command = shlex.split(spec.training["command"])
-    for option in ("--loss", "--texture-loss", "--intensity-loss", "--shape-loss", "--adv-surround",
+    for option in ("--loss", "--texture-loss", "--intensity-loss", "--shape-loss", "--edge-loss", "--pattern-loss",
+                   "--level-loss", "--adv-surround",
                    "--surround-weight", "--adv-weight", "--texture-scale", "--mask-image", "--crop-size"):
         in_script = re.search(rf"{option} ((?:[^\s-][^\s]* ?)+)", text)
         stored = [i for i, a in enumerate(command) if a == option]

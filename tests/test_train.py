@@ -212,6 +212,33 @@ def test_edge_loss_reads_the_pixels_cellprofiler_calls_the_edge(fly_export):
     assert edge_intensity_loss(blurred, real, mask) > 0.05
 
 
+def test_pattern_loss_sees_a_pattern_drawn_at_the_same_place_in_every_cell(fly_export):
+    """On real crops the pattern loss is 0 against themselves; the same faint grid added to every crop raises it
+    far more than that grid at a random place in each crop (what real cells' detail looks like to a batch mean),
+    although both add the same detail to each crop. The level loss is the relative error of the mean inside the
+    real mask."""
+    from cp2image_core.losses import fine_detail, level_loss, pattern_loss
+
+    ts = build_training_set(fly_export, "Nuclei", ["Nuclei"], CHANNELS, 48, val_images=[1], seed=0,
+                            mask_image="NucleiLabels")
+    real = torch.from_numpy(ts.crops[:64])
+    assert pattern_loss(real, real) == 0
+    amp = 0.5 * fine_detail(real).std()
+    yy, xx = torch.meshgrid(torch.arange(48), torch.arange(48), indexing="ij")
+    grid = amp * torch.sign(torch.cos(np.pi * yy) * torch.cos(np.pi * xx))  # the 2-pixel lattice
+    g = torch.Generator().manual_seed(0)
+    shifts = torch.randint(0, 2, (64, 2), generator=g)
+    moved = torch.stack([torch.roll(grid, (int(dy), int(dx)), (0, 1)) for dy, dx in shifts])[:, None]
+    same, scattered = pattern_loss(real + grid, real), pattern_loss(real + moved, real)
+    assert abs(fine_detail(real + grid).std() - fine_detail(real + moved).std()) < 1e-3
+    assert same > 0.3 and scattered < same / 4, (same, scattered)
+    # the level loss is blind to what lies outside the mask
+    mask = torch.from_numpy(ts.masks[:64]).float()[:, None]
+    assert level_loss(real, real, mask) == 0
+    assert torch.isclose(level_loss(1.2 * real, real, mask), torch.tensor(0.2), atol=1e-4)
+    assert level_loss(real + 0.3 * (1 - mask), real, mask) == 0
+
+
 def test_decoder_trains_with_texture_losses_and_arch_params(fly_export, tmp_path, capsys):
     out = tmp_path / "tex.safetensors"
     common = ["--export-dir", str(fly_export), *ARGS, "--crop-size", "32", "--steps", "4", "--batch-size", "8",
@@ -234,11 +261,13 @@ def test_decoder_trains_with_texture_losses_and_arch_params(fly_export, tmp_path
     capsys.readouterr()
     assert train_main([*args, "--out", str(tmp_path / "other.safetensors")]) == 2
     assert "differ from this training run's" in capsys.readouterr().err
-    # intensity anchoring and the edge loss; the module's loader binds the anchors from the file's spec
+    # intensity anchoring, the edge and pattern losses; the module's loader binds the anchors from the file's spec
     anchored = tmp_path / "anchored.safetensors"
-    assert train_main([*common, "--mask-image", "NucleiLabels", "--edge-loss", "0.1", "--arch-param", "width=32",
-                       "hidden=64", "anchor=1", "--steps", "2", "--out", str(anchored)]) == 0
-    assert "train_edge" in json.loads((Path(f"{anchored}.run") / "history.json").read_text())[-1]
+    assert train_main([*common, "--mask-image", "NucleiLabels", "--edge-loss", "0.1", "--pattern-loss", "0.5",
+                       "--level-loss", "0.2", "--arch-param", "width=32", "hidden=64", "anchor=1", "--steps", "2",
+                       "--out", str(anchored)]) == 0
+    last = json.loads((Path(f"{anchored}.run") / "history.json").read_text())[-1]
+    assert {"train_edge", "train_pattern", "train_level"} <= set(last)
     synth = load_synthesizer_uncached(anchored, "cpu")
     spec = synth.spec
     z = np.zeros((3, spec.n_features), np.float32)
