@@ -9,7 +9,9 @@ VENV=${VENV:-.venv}
 WORK=${WORK:-build/examplefly}
 INIT=${INIT:-runs/models/anchored-default.safetensors}
 mkdir -p "$(dirname "$INIT")"
-[ -f "$INIT" ] || git show a8f995b:weights/cp2image-default.safetensors > "$INIT"
+if [ ! -f "$INIT" ]; then  # via a temporary name: a failed git show leaves no empty file under INIT
+  git show a8f995b:weights/cp2image-default.safetensors > "$INIT.tmp" && mv "$INIT.tmp" "$INIT"
+fi
 STAGE1=${STAGE1:-runs/models/realistic-stage1.safetensors}
 OUT=${OUT:-weights/cp2image-realistic.safetensors}
 STEPS=${STEPS:-2000}
