@@ -89,7 +89,8 @@ def test_shipped_models_keep_their_feature_preservation_and_realism(fly_export, 
     CellProfiler (here nearest neighbour draws from one training field, not two). Floors sit a little under the
     figures of the full report (2026-11-29; default: AreaShape 0.94, Intensity 0.94, Texture 0.93, all 0.93, SSIM
     0.68 vs nearest neighbour's 0.55, C2ST on the cell window 0.57 — 0.94 before the pattern loss; realistic:
-    AreaShape 0.93, Intensity 0.95, Texture 0.91, all 0.92, C2ST on the whole crop 0.81 vs the default's 0.93)."""
+    AreaShape 0.90, Intensity 0.94, Texture 0.91, all 0.91, C2ST on the whole crop 0.79 vs the default's 0.93, on
+    the cell window 0.54 — 0.78 before the pattern loss)."""
     from conftest import SHIPPED
 
     realistic = SHIPPED.with_name("cp2image-realistic.safetensors")
@@ -110,10 +111,12 @@ def test_shipped_models_keep_their_feature_preservation_and_realism(fly_export, 
     assert real["features"]["all"]["median_r"] >= 0.88
     assert real["features"]["Intensity"]["median_r"] >= 0.92
     assert real["c2st"] < model["c2st"] - 0.05  # the point of the realistic model
-    # the default's cells no longer carry a pattern at the same place in every cell (--pattern-loss): 0.57, was 0.94
+    # neither model's cells carry a pattern at the same place in every cell any more (--pattern-loss): default
+    # 0.57, was 0.94; realistic 0.54, was 0.78
     assert model["c2st_cell"] < 0.70
+    assert real["c2st_cell"] < 0.70
     # in its real surroundings the synthesized cell is far harder to spot than the whole synthesized crop
-    # (2026-11-29 on this field: 0.52 vs 0.81): what gives a crop away is the surroundings
+    # (2026-11-29 on this field: 0.48 vs 0.79): what gives a crop away is the surroundings
     assert real["c2st_context"] < real["c2st"] - 0.15
 
 

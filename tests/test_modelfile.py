@@ -156,7 +156,8 @@ def test_describe_lists_channels_and_the_modules_that_measure_the_features(tmp_p
                                            ("cp2image-realistic", "train_realistic.sh")])
 def test_shipped_models_were_made_by_their_training_scripts_recipe(model, script):
     """The recipe in scripts/ (what `make train-default` / `make train-realistic` run) is the one stored in the
-    shipped file's spec: the same architecture parameters and the same loss options."""
+    shipped file's spec: the same architecture parameters and the same loss options (the script's last occurrence
+    of an option, as for argparse: the realistic recipe's last stage overrides its first two's critic options)."""
     import re
     import shlex
     from pathlib import Path
@@ -168,9 +169,9 @@ def test_shipped_models_were_made_by_their_training_scripts_recipe(model, script
     assert dict(p.split("=") for p in params) == {k: str(v) for k, v in spec.arch_params.items()}
     command = shlex.split(spec.training["command"])
     for option in ("--loss", "--texture-loss", "--intensity-loss", "--shape-loss", "--edge-loss", "--pattern-loss",
-                   "--level-loss", "--adv-surround",
-                   "--surround-weight", "--adv-weight", "--texture-scale", "--mask-image", "--crop-size"):
-        in_script = re.search(rf"{option} ((?:[^\s-][^\s]* ?)+)", text)
+                   "--level-loss", "--adv-surround", "--surround-weight", "--adv-weight", "--lr-d",
+                   "--texture-scale", "--mask-image", "--crop-size"):
+        in_script = next(reversed(list(re.finditer(rf"{option} ((?:[^\s-][^\s]* ?)+)", text))), None)
         stored = [i for i, a in enumerate(command) if a == option]
         assert bool(in_script) == bool(stored), f"{option}: in {script} but not in {model}'s spec, or back"
         if stored:
