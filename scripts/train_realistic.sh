@@ -2,7 +2,8 @@
 # Retrain the shipped realistic-looking model: the shipped default model fine-tuned in three stages of 2,000 steps
 # with a critic that sees only each crop's surroundings (the cell itself stays under the pixel, texture, intensity,
 # level, pattern and outline losses); the third stage trains the critic 5x faster and weighs it 3x, with almost no
-# pixel loss left on the surroundings. INIT=... starts from another model file.
+# pixel loss left on the surroundings. INIT=... starts from another model file; options given to the script go to
+# every stage, but the third stage's --surround-weight, --adv-weight and --lr-d are its own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
