@@ -7,11 +7,14 @@
    outside the cell window — does a smooth synthesized crop give itself away by missing noise?
 2. swapped surroundings: a (synthesized or real) cell window pasted onto a random training crop — what any
    surroundings drawn from the training fields can reach against the held-out field.
+3. field against field: real cells of one image (field) against real cells of another, every pair — how far apart
+   the screen's own fields are to this classifier.
 Same classifier, seeds and window as the evaluate command's C2ST columns (mean ± SD of --repeats classifiers).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
@@ -43,6 +46,12 @@ def main() -> None:
     background = train_crops[rng.choice(len(train_crops), len(val))]
     print(f"{len(val)} held-out cells; real high-pass SD per channel {np.round(high_pass_sd, 4).tolist()}")
     print(f"real cell on random training surroundings: {acc(real * window + background * (1 - window))}")
+    fields = {int(i): np.flatnonzero(ts.image_number == i) for i in np.unique(ts.image_number)}
+    for a, b in itertools.combinations(fields, 2):
+        n = min(len(fields[a]), len(fields[b]), len(val))
+        pick_a, pick_b = (ts.crops[rng.choice(fields[i], n, replace=False)] for i in (a, b))
+        accs = [c2st(pick_a, pick_b, seed=k) for k in range(args.repeats)]
+        print(f"real cells, image {a} against image {b} ({n} each): {np.mean(accs):.2f} ± {np.std(accs):.2f}")
     for model in args.models:
         spec = read_spec(model)
         missing = [".".join(f) for f in spec.features if f not in ts.feature_names]
