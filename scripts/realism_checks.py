@@ -38,8 +38,8 @@ def main() -> None:
     real, window, train_crops = ts.crops[val], cell_window(ts.masks[val]), ts.crops[ts.train_idx]
     rng = np.random.default_rng(0)
 
-    def acc(fake: np.ndarray) -> str:
-        a = [c2st(real, fake, seed=k) for k in range(args.repeats)]
+    def acc(fake: np.ndarray, against: np.ndarray = real) -> str:
+        a = [c2st(against, fake, seed=k) for k in range(args.repeats)]
         return f"{np.mean(a):.2f} ± {np.std(a):.2f}"
 
     high_pass_sd = (train_crops - gaussian_filter(train_crops, (0, 0, 1, 1))).std(axis=(0, 2, 3))
@@ -50,8 +50,7 @@ def main() -> None:
     for a, b in itertools.combinations(fields, 2):
         n = min(len(fields[a]), len(fields[b]), len(val))
         pick_a, pick_b = (ts.crops[rng.choice(fields[i], n, replace=False)] for i in (a, b))
-        accs = [c2st(pick_a, pick_b, seed=k) for k in range(args.repeats)]
-        print(f"real cells, image {a} against image {b} ({n} each): {np.mean(accs):.2f} ± {np.std(accs):.2f}")
+        print(f"real cells, image {a} against image {b} ({n} each): {acc(pick_b, against=pick_a)}")
     for model in args.models:
         spec = read_spec(model)
         missing = [".".join(f) for f in spec.features if f not in ts.feature_names]
