@@ -12,7 +12,9 @@ _NOT_FEATURE = re.compile(
     r"^(ImageNumber|ObjectNumber|Number_|Parent_|Children_|Location_|Metadata_|FileName_|PathName_|"
     r"URL_|Series_|Frame_|Channel_|Group_|ModuleError_|ExecutionTime_|Count_|Classify_|TrackObjects_|"
     # where the object sits in the field, not what it looks like
-    r"AreaShape_Center_|AreaShape_BoundingBoxM(in|ax)imum_|CP2Image_)"
+    r"AreaShape_Center_|AreaShape_BoundingBoxM(in|ax)imum_|CP2Image_|"
+    # which object is a neighbour is an id, not a measurement
+    r"Neighbors_(First|Second)ClosestObjectNumber_)"
 )
 
 # Which CellProfiler module measures a feature family (for "add this module" messages).

@@ -82,14 +82,16 @@ def test_standardize_imputes_counts_and_clips():
 def test_select_features_follows_design_rules():
     names = [("Nuclei", "AreaShape_Area"), ("Nuclei", "Location_Center_X"), ("Nuclei", "AreaShape_Center_X"),
              ("Nuclei", "Number_Object_Number"), ("Cells", "AreaShape_EulerNumber"),
-             ("Cells", "Texture_Contrast_DNA_3_00_256"), ("Cells", "Parent_Nuclei")]
+             ("Cells", "Texture_Contrast_DNA_3_00_256"), ("Cells", "Parent_Nuclei"),
+             ("Nuclei", "Neighbors_FirstClosestObjectNumber_32"), ("Nuclei", "Neighbors_FirstClosestDistance_32")]
     v = np.random.default_rng(0).random((20, len(names)))
     v[:, 4] = 1.0  # constant
     v[:5, 5] = np.nan  # 25% missing
     keep, dropped = select_features(names, v)
-    assert keep == [0]
+    assert keep == [0, 8]
     assert set(dropped["not a feature"]) == {"Nuclei.Location_Center_X", "Nuclei.AreaShape_Center_X",
-                                             "Nuclei.Number_Object_Number", "Cells.Parent_Nuclei"}
+                                             "Nuclei.Number_Object_Number", "Cells.Parent_Nuclei",
+                                             "Nuclei.Neighbors_FirstClosestObjectNumber_32"}
     assert dropped["constant"] == ["Cells.AreaShape_EulerNumber"]
     assert dropped["mostly missing"] == ["Cells.Texture_Contrast_DNA_3_00_256"]
 
