@@ -8,7 +8,16 @@ from conftest import ROOT
 
 from cp2image_core.evaluate.__main__ import main as evaluate_main
 from cp2image_core.evaluate.__main__ import real_vs_real
-from cp2image_core.evaluate.metrics import c2st, pearson, pixel_metrics, r2, summarize_r
+from cp2image_core.evaluate.metrics import (
+    bootstrap_medians,
+    c2st,
+    family_medians,
+    pearson,
+    pixel_metrics,
+    r2,
+    spearman_medians,
+    summarize_r,
+)
 
 
 def test_metrics_known_answers():
@@ -24,6 +33,31 @@ def test_metrics_known_answers():
     s = summarize_r({"AreaShape_Area": 0.9, "Intensity_MeanIntensity_DNA": 0.6, "Texture_X": 0.1})
     assert s["all"]["median_r"] == 0.6 and s["AreaShape"]["frac_ge_0.8"] == 1.0
     assert s["worst"][0] == ("Texture_X", 0.1)
+
+
+def test_family_medians_bootstrap_and_spearman_known_answers():
+    rng = np.random.default_rng(3)
+    names = ["AreaShape_Area", "AreaShape_Perimeter", "Intensity_MeanIntensity_DNA", "Texture_Contrast_DNA_3_00_256"]
+    x = rng.standard_normal((200, 4))
+    y = x + rng.standard_normal((200, 4)) * np.array([0.1, 0.5, 1.0, 2.0])
+    x[:7, 1] = np.nan  # pairs missing on either side are left out, as pearson() does
+    y[3:9, 2] = np.inf
+    one = family_medians(x, y, names, np.ones((1, 200)))[0]
+    r = [pearson(x[:, j], y[:, j]) for j in range(4)]
+    assert np.allclose(one, [np.median(r[:2]), r[2], r[3], np.median(r)])
+    ci = bootstrap_medians(x, y, names)
+    assert all(lo <= m <= hi for (lo, hi), m in zip(ci.values(), one))
+    assert ci["Texture"][1] - ci["Texture"][0] > 0.05  # r ≈ 0.45 from 200 cells is not known to ±0.02
+    big = np.repeat(x, 4, 0), np.repeat(y, 4, 0)
+    assert (np.diff(bootstrap_medians(*big, names)["Texture"]) < np.diff(ci["Texture"]))[0]  # more cells: narrower
+    same = bootstrap_medians(x[:, :1], 3 * x[:, :1] + 1, names[:1])["AreaShape"]
+    assert np.allclose(same, [1.0, 1.0])
+    # one segmentation that ran into the surroundings: Pearson falls apart, the rank correlation does not
+    area = rng.uniform(200, 500, 100)
+    remeasured = area * 0.8 + rng.normal(0, 5, 100)
+    remeasured[0] = 4000
+    assert pearson(area, remeasured) < 0.5 < 0.95 < spearman_medians(area[:, None], remeasured[:, None],
+                                                                     names[:1])["AreaShape"]
 
 
 def test_c2st_identical_sets_near_chance_and_different_sets_separated():
@@ -80,6 +114,11 @@ def test_evaluate_on_real_cells(fly_export, tiny_model, tmp_path):
     assert all(0 <= r["c2st_cell"] <= 1 and 0 <= r["c2st_context"] <= 1 for r in res.values())
     assert 0.3 <= real["c2st"] <= 0.7 and real["c2st_sd"] >= 0  # measured (two halves of the real cells), not set
     assert report["c2st_repeats"] == 2 and res["nearest neighbour"]["c2st_sd"] >= 0
+    for r in res.values():  # every median has its bootstrap interval (cells resampled) and a rank-correlation twin
+        f = r["features"]
+        assert all(lo <= f[k]["median_r"] <= hi for k, (lo, hi) in f["ci95"].items() if np.isfinite(lo))
+        assert set(f["spearman"]) == {"AreaShape", "Intensity", "Texture", "all"}
+    assert "Spearman" in (out / "report.md").read_text()
     for f in ("report.md", "grid.png", "scatter.png", "r_hist.png", "traverse_Nuclei.AreaShape_Area.png"):
         assert (out / f).exists(), f
 

@@ -1,6 +1,8 @@
 """Metrics whose meaning a user can check: feature correlation, pixel fidelity, two-sample tests."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -47,6 +49,62 @@ def summarize_r(rs: dict[str, float]) -> dict:
     finite = sorted(((r, f) for f, r in rs.items() if np.isfinite(r)))
     out["worst"] = [(f, round(r, 3)) for r, f in finite[:10]]
     return out
+
+
+def family_medians(x: np.ndarray, y: np.ndarray, features: list[str], weights: np.ndarray) -> np.ndarray:
+    """Median Pearson r per family (FAMILIES order, then all) for each row of cell ``weights`` (B, cells).
+
+    ``x``, ``y``: (cells, features) input and re-measured values; a pair counts where both are finite (as
+    ``pearson``). Weights of ones give the table's medians; multinomial counts give bootstrap resamples.
+    """
+    ok = (np.isfinite(x) & np.isfinite(y)).astype(np.float64)
+    x = np.where(ok > 0, x, 0.0)
+    y = np.where(ok > 0, y, 0.0)
+    n = ok.sum(0)
+    x = (x - x.sum(0) / np.maximum(n, 1)) * ok  # centred (over finite pairs) so the sums below stay accurate
+    y = (y - y.sum(0) / np.maximum(n, 1)) * ok
+    w = np.asarray(weights, dtype=np.float64)
+    sw, sx, sy = w @ ok, w @ x, w @ y
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cov = w @ (x * y) - sx * sy / sw
+        var = (w @ (x * x) - sx * sx / sw) * (w @ (y * y) - sy * sy / sw)
+        r = np.where((var > 1e-24) & ((w > 0) @ ok >= 3), cov / np.sqrt(var), np.nan)
+    fams = np.array([family(f) for f in features])
+    cols = [fams == fam for fam in FAMILIES] + [np.ones(len(features), bool)]
+    out = np.full((len(w), len(cols)), np.nan)
+    with warnings.catch_warnings():  # a family none of whose features has an r stays NaN, as in summarize_r
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for j, c in enumerate(cols):
+            if c.any():
+                out[:, j] = np.nanmedian(r[:, c], axis=1)
+    return out
+
+
+def bootstrap_medians(x: np.ndarray, y: np.ndarray, features: list[str], n_boot: int = 1000,
+                      seed: int = 0) -> dict[str, list[float]]:
+    """95% bootstrap intervals (percentile, resampling held-out cells) of each family's median Pearson r.
+
+    How much the table's medians would move with another draw of cells from the same field.
+    """
+    counts = np.random.default_rng(seed).multinomial(len(x), np.full(len(x), 1 / len(x)), size=n_boot)
+    meds = family_medians(x, y, features, counts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lo, hi = np.nanpercentile(meds, 2.5, axis=0), np.nanpercentile(meds, 97.5, axis=0)
+    return {k: [float(a), float(b)] for k, a, b in zip((*FAMILIES, "all"), lo, hi)}
+
+
+def spearman_medians(x: np.ndarray, y: np.ndarray, features: list[str]) -> dict[str, float]:
+    """Median Spearman rank correlation per family: the table's medians, less swayed by a few outlying cells."""
+    from scipy.stats import rankdata
+
+    ok = np.isfinite(x) & np.isfinite(y)
+    rx, ry = np.full(x.shape, np.nan), np.full(y.shape, np.nan)
+    for j in range(x.shape[1]):
+        rx[ok[:, j], j] = rankdata(x[ok[:, j], j])
+        ry[ok[:, j], j] = rankdata(y[ok[:, j], j])
+    meds = family_medians(rx, ry, features, np.ones((1, len(x))))[0]
+    return {k: float(v) for k, v in zip((*FAMILIES, "all"), meds)}
 
 
 def pixel_metrics(real: np.ndarray, fake: np.ndarray) -> dict[str, float]:
