@@ -1,4 +1,4 @@
-"""cp2image-paper: the CP2Image generator and discriminator (Ji et al., MIDL 2024), in PyTorch.
+"""cp2image-paper: the CP2Image generator and discriminator (Ji et al., MIDL 2023), in PyTorch.
 
 Four 5x5 convolutions of 32 channels on zero padding 4, nearest up-sampling after the first three,
 batch norm + leaky ReLU(0.01), then a 1x1 "reconstructor" with batch norm + ReLU. At 68x68 the
