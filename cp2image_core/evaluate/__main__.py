@@ -57,6 +57,10 @@ def get_args(argv=None) -> argparse.Namespace:
                    "Nuclei.AreaShape_Area (values at -2..+2 standard deviations)")
     p.add_argument("--cell", type=int, default=0, help="held-out cell index for --traverse")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shape-segmentation", choices=["otsu", "pipeline"], default="otsu",
+                   help="how each crop's object is found for MeasureObjectSizeShape: 'otsu' (Otsu threshold of the "
+                        "first channel, per crop) or 'pipeline' (the features pipeline's own IdentifyPrimaryObjects "
+                        "for these objects, on all crops of a method at once)")
     p.add_argument("--c2st-repeats", type=int, default=5,
                    help="C2ST classifiers trained per method (different splits and starts); the table gives their "
                         "mean, as one run on a few hundred cells varies by ±0.1")
@@ -122,7 +126,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     inputs = {f: ts.features[val, j] for (o, f), j in index.items() if o == ref.object_name}
     results, remeasured = {}, {}
     for name, crops in methods.items():
-        shape = remeasurer.measure(crops, segment(crops), (SHAPE,))
+        found = remeasurer.segment_like_pipeline(crops) if args.shape_segmentation == "pipeline" else segment(crops)
+        shape = remeasurer.measure(crops, found, (SHAPE,))
         inside = remeasurer.measure(crops, masks, (INTENSITY, TEXTURE))
         feats = {**{f: v for f, v in shape.items() if f.startswith("AreaShape_")},
                  **{f: v for f, v in inside.items() if f.startswith(("Intensity_", "Texture_"))}}
@@ -130,7 +135,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         rs = {f: pearson(inputs[f], v) for f, v in feats.items() if f in inputs}
         r2s = {f: r2(inputs[f], v) for f, v in feats.items() if f in inputs}
         results[name] = {"features": summarize_r(rs), "r": rs, "r2_median": float(np.nanmedian(list(r2s.values()))),
-                         "pixels": pixel_metrics(real, crops)}
+                         "pixels": pixel_metrics(real, crops), "no_object_found": int((~found.any((1, 2))).sum())}
         common = [f for f in feats if f in inputs]
         x, y = (np.stack([src[f] for f in common], 1).astype(np.float64) for src in (inputs, feats))
         results[name]["features"]["ci95"] = bootstrap_medians(x, y, common, seed=args.seed)
@@ -151,6 +156,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         results[name]["ks_median"] = ks_median(remeasured["real crops (ceiling)"], remeasured[name])
     report = {"n_val_cells": len(val), "val_images": sorted(set(ts.image_number[val].tolist())),
               "n_train_cells": len(train), "models": args.models, "mask": args.mask_image or "segmented",
+              "shape_segmentation": args.shape_segmentation,
               "results": {k: {kk: vv for kk, vv in v.items() if kk != "r"} for k, v in results.items()},
               "generate_seconds": timings, "c2st_repeats": len(seeds)}
     (out / "report.json").write_text(json.dumps(report, indent=1, default=float))
@@ -217,22 +223,27 @@ def real_vs_real(crops: np.ndarray, seeds) -> list[float]:
 def markdown(report: dict) -> str:
     worst = "\n".join(f"- **{name}**: " + ", ".join(f"{f} ({r})" for f, r in res["features"]["worst"])
                       for name, res in report["results"].items())
+    if report.get("shape_segmentation") == "pipeline":
+        found = ", ".join(f"{name} {res['no_object_found']}" for name, res in report["results"].items())
+        how = ("on the object the features pipeline's own IdentifyPrimaryObjects finds at each crop's centre, all "
+               f"crops of a method segmented together; crops without one, left out of the shape r: {found}")
+    else:
+        how = "on an Otsu segmentation of each crop's first channel"
     return f"""# cp2image evaluation
 
 Held-out images {report['val_images']}: {report['n_val_cells']} cells ({report['n_train_cells']} training cells).
-Features of the input objects, re-measured by CellProfiler's MeasureObjectSizeShape (on an Otsu segmentation
-of each crop's first channel), MeasureObjectIntensity and MeasureTexture (inside the real object's mask:
-{report['mask']}); median Pearson r with the input features per family, fraction of features with r ≥ 0.5 / 0.8,
-median R². Pixel metrics against the real crop (data range 1). C2ST: held-out accuracy of a small CNN telling
-real from synthesized crops (0.5 = indistinguishable; the mean of {report.get('c2st_repeats', 1)} classifiers);
-C2ST cell: the same with both crops multiplied by a window on the real object (its mask grown by 3 pixels,
-blurred), so the surroundings cannot give a crop away. C2ST in context: the synthesized cell (inside that window)
-pasted into its real crop's surroundings — how far the cell alone gives itself away where it really lies; the
-gap to C2ST acc is what the surroundings, which a cell's features do not determine, add. On the real crops
-row, C2ST is measured between two random halves of the held-out cells (half as many per classifier): the test's
-own chance level. The random training crop row is a floor for all three: real cells of the training fields,
-told from the held-out field's. KS:
-median Kolmogorov–Smirnov statistic between the re-measured features of real and synthesized crops.
+Features of the input objects, re-measured by CellProfiler's MeasureObjectSizeShape ({how}),
+MeasureObjectIntensity and MeasureTexture (inside the real object's mask: {report['mask']}); median Pearson r
+with the input features per family, fraction of features with r ≥ 0.5 / 0.8, median R². Pixel metrics against
+the real crop (data range 1). C2ST: held-out accuracy of a small CNN telling real from synthesized crops
+(0.5 = indistinguishable; the mean of {report.get('c2st_repeats', 1)} classifiers); C2ST cell: the same with
+both crops multiplied by a window on the real object (its mask grown by 3 pixels, blurred), so the surroundings
+cannot give a crop away. C2ST in context: the synthesized cell (inside that window) pasted into its real crop's
+surroundings — how far the cell alone gives itself away where it really lies; the gap to C2ST acc is what the
+surroundings, which a cell's features do not determine, add. On the real crops row, C2ST is measured between
+two random halves of the held-out cells (half as many per classifier): the test's own chance level. The random
+training crop row is a floor for all three: real cells of the training fields, told from the held-out field's.
+KS: median Kolmogorov–Smirnov statistic between the re-measured features of real and synthesized crops.
 
 {table(report)}
 

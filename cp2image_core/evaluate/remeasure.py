@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 SHAPE, INTENSITY, TEXTURE = "MeasureObjectSizeShape", "MeasureObjectIntensity", "MeasureTexture"
+IDENTIFY = "IdentifyPrimaryObjects"
 
 
 def _cp():
@@ -57,9 +58,43 @@ class Remeasurer:
                 if m.module_name == SHAPE:
                     m.calculate_zernikes.value = False
                 self.modules[m.module_name] = m
+        # the module that made these objects, for re-segmenting crops as the pipeline would (None if absent)
+        self.identify = next((m for m in pipeline.modules() if m.module_name == IDENTIFY
+                              and m.y_name.value == object_name), None)
         missing = {SHAPE, INTENSITY, TEXTURE} - set(self.modules)
         if missing:
             raise ValueError(f"{features_pipeline} lacks {', '.join(sorted(missing))}")
+
+    def segment_like_pipeline(self, crops: np.ndarray, gap: int = 2) -> np.ndarray:
+        """(N, S, S) masks: the object at each crop's centre as the pipeline's own IdentifyPrimaryObjects finds it.
+
+        All crops are segmented at once on their mosaic (one global threshold, as for a field of such cells),
+        with its size limits, declumping and border rule; a crop whose centre holds no object gets an empty mask.
+        """
+        if self.identify is None:
+            raise ValueError(f"the features pipeline has no {IDENTIFY} module that makes {self.object_name}")
+        Image, ImageSetList, Measurements, _, ObjectSet, Pipeline, Workspace = _cp()
+        n, _, s, _ = crops.shape
+        mosaic, _ = tile(crops, np.zeros((n, s, s), bool), gap)
+        channel = self.channels.index(self.identify.x_name.value)
+        image = np.pad(mosaic[channel], ((gap, 0), (gap, 0)))  # no tile touches the image's border
+        image_set_list = ImageSetList()
+        image_set = image_set_list.get_image_set(0)
+        image_set.add(self.identify.x_name.value, Image(image))
+        object_set = ObjectSet()
+        workspace = Workspace(Pipeline(), self.identify, image_set, object_set, Measurements(), image_set_list)
+        self.identify.run(workspace)
+        labels = object_set.get_objects(self.object_name).segmented[gap:, gap:]
+        cols, step, c = max(1, math.ceil(math.sqrt(n))), s + gap, s // 2
+        masks = np.zeros((n, s, s), bool)
+        for i in range(n):
+            r, q = divmod(i, cols)
+            lab = labels[r * step:r * step + s, q * step:q * step + s]
+            centre = lab[c - 2:c + 3, c - 2:c + 3]
+            ids = centre[centre > 0]
+            if ids.size:
+                masks[i] = lab == np.bincount(ids).argmax()
+        return masks
 
     def measure(self, crops: np.ndarray, masks: np.ndarray, modules: tuple[str, ...]) -> dict[str, np.ndarray]:
         """Feature name -> (N,) values of each crop's masked object (NaN where a mask is empty)."""
@@ -82,11 +117,15 @@ class Remeasurer:
         out = {}
         present = np.zeros(n, bool)
         present[np.unique(labels[labels > 0]) - 1] = True
+        rows = np.flatnonzero(present)
         for feat in measurements.get_feature_names(self.object_name):
             v = np.asarray(measurements.get_current_measurement(self.object_name, feat), dtype=np.float64)
             full = np.full(n, np.nan)
-            full[:min(n, len(v))] = v[:n]
-            full[~present] = np.nan
+            if len(v) == len(rows):  # one value per object present, in label order (crops with empty masks skipped)
+                full[rows] = v
+            else:  # one per label up to the largest
+                full[:min(n, len(v))] = v[:n]
+                full[~present] = np.nan
             out[feat] = full
         return out
 
