@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from conftest import ROOT
 
+from cp2image_core.errors import CP2ImageError
 from cp2image_core.evaluate.__main__ import main as evaluate_main
 from cp2image_core.evaluate.__main__ import real_vs_real
 from cp2image_core.evaluate.metrics import (
@@ -227,3 +229,7 @@ def test_pipeline_segmentation_finds_the_exported_nuclei_in_real_crops(fly_expor
 
     assert iou(found) > 0.85 and iou(found) > iou(segment(crops)) + 0.15
     assert found[:120].any((1, 2)).mean() > 0.9
+    # Cells come from IdentifySecondaryObjects: the error says so, and what to use instead
+    cells = Remeasurer(ROOT / "pipelines" / "ExampleFly_features.cppipe", "Cells", CHANNELS)
+    with pytest.raises(CP2ImageError, match=r"no IdentifyPrimaryObjects module that makes Cells.*otsu"):
+        cells.segment_like_pipeline(crops[:2])

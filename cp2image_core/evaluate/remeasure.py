@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import CP2ImageError
+
 SHAPE, INTENSITY, TEXTURE = "MeasureObjectSizeShape", "MeasureObjectIntensity", "MeasureTexture"
 IDENTIFY = "IdentifyPrimaryObjects"
 
@@ -72,7 +74,8 @@ class Remeasurer:
         with its size limits, declumping and border rule; a crop whose centre holds no object gets an empty mask.
         """
         if self.identify is None:
-            raise ValueError(f"the features pipeline has no {IDENTIFY} module that makes {self.object_name}")
+            raise CP2ImageError(f"--shape-segmentation pipeline: the features pipeline has no {IDENTIFY} module that "
+                                f"makes {self.object_name}; use --shape-segmentation otsu")
         Image, ImageSetList, Measurements, _, ObjectSet, Pipeline, Workspace = _cp()
         n, _, s, _ = crops.shape
         mosaic, _ = tile(crops, np.zeros((n, s, s), bool), gap)
