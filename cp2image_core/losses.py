@@ -152,16 +152,17 @@ def otsu_threshold(x: torch.Tensor, bins: int = 256) -> torch.Tensor:
 
 
 def outline_loss(fake: torch.Tensor, mask: torch.Tensor, channel: int = 0, sigma: float = 1.0,
-                 ring: int = 3) -> torch.Tensor:
+                 ring: int = 3, threshold: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of the synthesized crop's soft Otsu foreground against the object's own mask.
 
     The evaluation measures shape on an Otsu segmentation of the synthesized ``channel`` (blurred by ``sigma``,
     its own threshold), so pixels of the object should lie above that threshold and a ``ring`` of pixels around it
     below: the segmented outline is then the object's, not one merged with a touching neighbour. Pixels farther
-    out (neighbours) are left to the other losses.
+    out (neighbours) are left to the other losses. ``threshold`` (N,), e.g. the one the pipeline's segmentation
+    used on each cell's field, replaces the per-crop Otsu threshold.
     """
     blurred = _gaussian_blur(fake[:, channel:channel + 1].float(), sigma)[:, 0]
-    t = otsu_threshold(blurred).view(-1, 1, 1)
+    t = (otsu_threshold(blurred) if threshold is None else threshold.float()).view(-1, 1, 1)
     inside = mask[:, 0] > 0.5
     around = (F.max_pool2d(mask.float(), 2 * ring + 1, stride=1, padding=ring)[:, 0] > 0.5) & ~inside
     logits = (blurred - t) / (0.1 * t.abs()).clamp_min(1e-3)

@@ -124,6 +124,11 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="weight of the outline loss: the synthesized first channel's soft foreground at its own Otsu "
                         "threshold must be the object's mask, with a dark ring around it (MeasureObjectSizeShape "
                         "then measures the object's outline on the synthesized cell; needs --mask-image; 0: off)")
+    m.add_argument("--outline-threshold", choices=["otsu", "field"], default="otsu",
+                   help="threshold of the outline loss: each synthesized crop's own Otsu threshold, or 'field': "
+                        "the threshold IdentifyPrimaryObjects used on the cell's own field (Image.csv "
+                        "Threshold_FinalThreshold_<objects>), so edges fall where the pipeline's segmentation puts "
+                        "them")
     m.add_argument("--init-from", default=None,
                    help="start from this model file's generator weights (fine-tuning; same architecture and features)")
     m.add_argument("--encoder-steps", type=int, default=600, help="pre-training steps of the feature encoder")
@@ -200,6 +205,21 @@ def save_figures(run_dir: Path, real: np.ndarray, fake: np.ndarray, history: lis
     plt.close(fig)
 
 
+def field_thresholds(export_dir: str | Path, objects: str, image_numbers: np.ndarray) -> torch.Tensor:
+    """(N,) the threshold IdentifyPrimaryObjects applied to each cell's field (Image.csv Threshold_FinalThreshold_)."""
+    from .dataset import _numeric, _read_csv
+
+    path = Path(export_dir) / "Image.csv"
+    header, rows = _read_csv(path)
+    column = f"Threshold_FinalThreshold_{objects}"
+    if column not in header:
+        raise CP2ImageError(f"{path} has no {column}: --outline-threshold field needs the threshold that "
+                            f"IdentifyPrimaryObjects recorded for {objects} (export its Image measurements)")
+    by_image = dict(zip(_numeric(path, header, rows, "ImageNumber").astype(int),
+                        _numeric(path, header, rows, column)))
+    return torch.tensor([by_image[int(i)] for i in image_numbers], dtype=torch.float32)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -250,6 +270,8 @@ def train(args: argparse.Namespace) -> int:
                             "object's mask: name the exported label image with --mask-image (e.g. NucleiLabels)")
     m_all = torch.from_numpy(ts.masks).float()[:, None] if ts.masks is not None else None
     w_all = 1.0 + args.mask_weight * m_all if m_all is not None else torch.ones(len(ts.crops), 1, 1, 1)
+    t_all = field_thresholds(args.export_dir, args.objects, ts.image_number) \
+        if args.shape_loss and args.outline_threshold == "field" else None
     surround_all = None  # 1 outside the object's mask grown by --adv-surround pixels
     if args.adv_surround >= 0:
         if m_all is None:
@@ -350,7 +372,8 @@ def train(args: argparse.Namespace) -> int:
             if args.edge_loss:
                 terms["edge"] = args.edge_loss, edge_intensity_loss(fake, x, mask)
             if args.shape_loss:
-                terms["shape"] = args.shape_loss, outline_loss(fake, mask)
+                terms["shape"] = args.shape_loss, outline_loss(
+                    fake, mask, threshold=t_all[idx].to(device) if t_all is not None else None)
             if args.pattern_loss:
                 terms["pattern"] = args.pattern_loss, pattern_loss(fake, x)
             for name, (weight, value) in terms.items():

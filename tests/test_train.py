@@ -14,7 +14,7 @@ import torch
 from conftest import CHANNELS, ROOT, examplefly_dir
 
 from cp2image_core.dataset import _numeric, _read_csv, build_training_set, load_image
-from cp2image_core.errors import DataError
+from cp2image_core.errors import CP2ImageError, DataError
 from cp2image_core.modelfile import load_model
 from cp2image_core.synthesize import load_synthesizer_uncached
 from cp2image_core.train import main as train_main
@@ -191,6 +191,22 @@ def test_outline_loss_thresholds_as_the_evaluation_segments(fly_export):
     base = outline_loss(ideal, mask)
     assert base < 0.1 < outline_loss(merged, mask) < outline_loss(dim, mask)
     assert 0.1 < outline_loss(crops, mask) < outline_loss(dim, mask)  # real crops: between the two
+    # --outline-threshold field: the threshold IdentifyPrimaryObjects used on each cell's own field
+    from cp2image_core.train import field_thresholds
+
+    t = field_thresholds(fly_export, "Nuclei", ts.image_number[:40])
+    ih, irows = _read_csv(fly_export / "Image.csv")
+    own = dict(zip(_numeric(fly_export / "Image.csv", ih, irows, "ImageNumber").astype(int),
+                   _numeric(fly_export / "Image.csv", ih, irows, "Threshold_FinalThreshold_Nuclei")))
+    assert torch.allclose(t, torch.tensor([own[int(i)] for i in ts.image_number[:40]], dtype=torch.float32))
+    # the real crops' own pixels sit on the right side of their field's threshold far more than of a per-crop Otsu
+    assert outline_loss(crops, mask, threshold=t) < outline_loss(crops, mask)
+    level = t.view(-1, 1, 1, 1) * torch.ones_like(crops)
+    above = level * (0.5 + 1.5 * mask)  # the object at twice its field's threshold, the rest at half
+    faint = level * (0.25 + 0.25 * mask)  # the object under it
+    assert outline_loss(faint, mask, threshold=t) > 1.0 > outline_loss(above, mask, threshold=t)
+    with pytest.raises(CP2ImageError, match="Threshold_FinalThreshold_Cytoplasm"):
+        field_thresholds(fly_export, "Cytoplasm", ts.image_number[:3])
 
 
 def test_edge_loss_reads_the_pixels_cellprofiler_calls_the_edge(fly_export):
