@@ -30,18 +30,33 @@ def _cp():
     return Image, ImageSetList, Measurements, Objects, ObjectSet, Pipeline, Workspace
 
 
+def tile_windows(n: int, size: int, gap: int = 2) -> tuple[tuple[int, int], list[tuple[slice, slice]]]:
+    """The mosaic's (H, W) and the window of each of ``n`` crops of ``size`` pixels, ``gap`` pixels apart."""
+    cols = max(1, math.ceil(math.sqrt(n)))
+    rows = max(1, math.ceil(n / cols))
+    step = size + gap
+    windows = [(slice(r * step, r * step + size), slice(q * step, q * step + size))
+               for r, q in (divmod(i, cols) for i in range(n))]
+    return (rows * step, cols * step), windows
+
+
+def centre_label(labels: np.ndarray) -> int:
+    """The label covering most of the 5 x 5 pixels at the centre of one crop's labels (0: none)."""
+    c = labels.shape[0] // 2
+    ids = labels[c - 2:c + 3, c - 2:c + 3]
+    ids = ids[ids > 0]
+    return int(np.bincount(ids).argmax()) if ids.size else 0
+
+
 def tile(crops: np.ndarray, masks: np.ndarray, gap: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Mosaic (C, H, W) of the crops with ``gap`` zero pixels between tiles, and labels (H, W): crop i -> i + 1."""
     n, c, s, _ = crops.shape
-    cols = max(1, math.ceil(math.sqrt(n)))
-    rows = max(1, math.ceil(n / cols))
-    step = s + gap
-    mosaic = np.zeros((c, rows * step, cols * step), np.float32)
-    labels = np.zeros((rows * step, cols * step), np.int32)
-    for i in range(n):
-        r, q = divmod(i, cols)
-        mosaic[:, r * step:r * step + s, q * step:q * step + s] = crops[i]
-        labels[r * step:r * step + s, q * step:q * step + s][masks[i]] = i + 1
+    shape, windows = tile_windows(n, s, gap)
+    mosaic = np.zeros((c, *shape), np.float32)
+    labels = np.zeros(shape, np.int32)
+    for i, (ys, xs) in enumerate(windows):
+        mosaic[:, ys, xs] = crops[i]
+        labels[ys, xs][masks[i]] = i + 1
     return mosaic, labels
 
 
@@ -88,15 +103,11 @@ class Remeasurer:
         workspace = Workspace(Pipeline(), self.identify, image_set, object_set, Measurements(), image_set_list)
         self.identify.run(workspace)
         labels = object_set.get_objects(self.object_name).segmented[gap:, gap:]
-        cols, step, c = max(1, math.ceil(math.sqrt(n))), s + gap, s // 2
         masks = np.zeros((n, s, s), bool)
-        for i in range(n):
-            r, q = divmod(i, cols)
-            lab = labels[r * step:r * step + s, q * step:q * step + s]
-            centre = lab[c - 2:c + 3, c - 2:c + 3]
-            ids = centre[centre > 0]
-            if ids.size:
-                masks[i] = lab == np.bincount(ids).argmax()
+        for i, window in enumerate(tile_windows(n, s, gap)[1]):
+            pick = centre_label(labels[window])
+            if pick:
+                masks[i] = labels[window] == pick
         return masks
 
     def measure(self, crops: np.ndarray, masks: np.ndarray, modules: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -144,7 +155,6 @@ def segment(crops: np.ndarray, channel: int = 0, sigma: float = 1.0) -> np.ndarr
 
     n, _, s, _ = crops.shape
     masks = np.zeros((n, s, s), bool)
-    c = s // 2
     for i in range(n):  # per crop: each has its own threshold
         img = gaussian(crops[i, channel], sigma=sigma)
         if img.max() <= img.min():
@@ -153,8 +163,6 @@ def segment(crops: np.ndarray, channel: int = 0, sigma: float = 1.0) -> np.ndarr
         lab, k = ndimage.label(fg)
         if k == 0:
             continue
-        centre = lab[c - 2:c + 3, c - 2:c + 3]
-        ids = centre[centre > 0]
-        pick = np.bincount(ids).argmax() if ids.size else np.bincount(lab[lab > 0]).argmax()
+        pick = centre_label(lab) or np.bincount(lab[lab > 0]).argmax()
         masks[i] = lab == pick
     return masks
