@@ -217,6 +217,11 @@ def field_thresholds(export_dir: str | Path, objects: str, image_numbers: np.nda
                             f"IdentifyPrimaryObjects recorded for {objects} (export its Image measurements)")
     by_image = dict(zip(_numeric(path, header, rows, "ImageNumber").astype(int),
                         _numeric(path, header, rows, column)))
+    bad = sorted({int(i) for i in image_numbers if not np.isfinite(by_image.get(int(i), np.nan))})
+    if bad:
+        raise CP2ImageError(f"{path}: {column} is missing or not a number for image set(s) {bad[:10]}; "
+                            f"--outline-threshold field needs it for every image set that has {objects} "
+                            f"(or use --outline-threshold otsu)")
     return torch.tensor([by_image[int(i)] for i in image_numbers], dtype=torch.float32)
 
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Retrain the shipped realistic-looking model: the shipped default model fine-tuned in three stages of 2,000 steps
 # with a critic that sees only each crop's surroundings (the cell itself stays under the pixel, texture, intensity,
-# level, pattern and outline losses); the third stage trains the critic 5x faster and weighs it 3x, with almost no
-# pixel loss left on the surroundings. INIT=... starts from another model file; options given to the script go to
-# every stage, but the third stage's --surround-weight, --adv-weight and --lr-d are its own.
+# level, pattern and outline losses, the outline at the field's IdentifyPrimaryObjects threshold as in the default);
+# the third stage trains the critic 5x faster and weighs it 3x, with almost no pixel loss left on the surroundings.
+# INIT=... starts from another model file; options given to the script go to every stage, but the third stage's
+# --surround-weight, --adv-weight and --lr-d are its own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -21,8 +22,8 @@ stage() {  # stage INIT OUT LR SEED [extra train options]
     --mask-image NucleiLabels --threads 2 --arch cp2image-decoder \
     --arch-param n_up=3 subpixel=1 smooth=1 low_res_first=1 icnr=1 replicate=1 antialias=1 anchor=1 \
     --loss adversarial --adv-surround 3 --surround-weight 0.2 --adv-weight 0.1 --adv-start 0 \
-    --texture-scale 1 2 3 --texture-loss 0.1 --intensity-loss 0.1 --edge-loss 0.1 --shape-loss 0.05 \
-    --pattern-loss 0.5 --level-loss 0.2 \
+    --texture-scale 1 2 3 --texture-loss 0.1 --intensity-loss 0.1 --edge-loss 0.1 --shape-loss 0.2 \
+    --outline-threshold field --pattern-loss 0.5 --level-loss 0.2 \
     --steps "$STEPS" --val-every 1000 --init-from "$1" --out "$2" --lr "$3" --seed "$4" \
     --run-dir "runs/$(basename "$2" .safetensors)" "${@:5}"
 }

@@ -98,7 +98,6 @@ def test_evaluate_on_real_cells(fly_export, tiny_model, tmp_path):
     out = tmp_path / "report"
     rc = evaluate_main(["--models", str(tiny_model), "--export-dir", str(fly_export), "--max-cells", "80",
                         "--c2st-repeats", "2", "--out", str(out), "--traverse", "Nuclei.AreaShape_Area",
-                        "--shape-segmentation", "pipeline",
                         "--features-pipeline", str(ROOT / "pipelines" / "ExampleFly_features.cppipe")])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
@@ -107,8 +106,8 @@ def test_evaluate_on_real_cells(fly_export, tiny_model, tmp_path):
     # real crops re-measured inside the real objects' masks give back CellProfiler's own intensities
     assert real["features"]["Intensity"]["median_r"] > 0.95
     assert real["pixels"]["mse"] == 0
-    # shape re-segmented by the pipeline's own IdentifyPrimaryObjects gives back the real crops' shape too
-    # (0.90 on all 283 held-out cells; the per-crop Otsu threshold gives 0.62)
+    # shape re-segmented by the pipeline's own IdentifyPrimaryObjects (the default, auto, where the pipeline has
+    # it) gives back the real crops' shape too (0.90 on all 283 held-out cells; the per-crop Otsu threshold: 0.62)
     assert report["shape_segmentation"] == "pipeline" and real["features"]["AreaShape"]["median_r"] > 0.75
     assert real["no_object_found"] < 8 and all(0 <= r["no_object_found"] <= 80 for r in res.values())
     # the mean image (a broken generator) keeps less than the nearest neighbour does
@@ -132,37 +131,42 @@ def test_evaluate_on_real_cells(fly_export, tiny_model, tmp_path):
 
 def test_shipped_models_keep_their_feature_preservation_and_realism(fly_export, tmp_path):
     """Regression guard: both shipped models on the held-out field 01_POS002 (image set 1), re-measured by
-    CellProfiler (here nearest neighbour draws from one training field, not two). Floors sit a little under the
-    figures of the full report (2026-11-29; default: AreaShape 0.94, Intensity 0.94, Texture 0.93, all 0.93, SSIM
-    0.68 vs nearest neighbour's 0.55, C2ST on the cell window 0.57 — 0.94 before the pattern loss; realistic:
-    AreaShape 0.90, Intensity 0.94, Texture 0.91, all 0.91, C2ST on the whole crop 0.79 vs the default's 0.93, on
-    the cell window 0.54 — 0.78 before the pattern loss)."""
+    CellProfiler, shape on the objects the features pipeline's own IdentifyPrimaryObjects finds (the evaluate
+    command's default); here nearest neighbour draws from one training field, not two. Floors sit a little under
+    the figures of the full report (2026-11-29, fourth update; default: AreaShape 0.96, Intensity 0.94, Texture
+    0.91, all 0.92, SSIM 0.667 vs nearest neighbour's 0.553, C2ST on the cell window 0.49, every object found —
+    the version before: AreaShape 0.71, 29 crops without an object; realistic: AreaShape 0.82, Intensity 0.93,
+    Texture 0.90, all 0.91, C2ST on the whole crop 0.81 vs the default's 0.90, on the cell window 0.48)."""
     from conftest import SHIPPED
 
     realistic = SHIPPED.with_name("cp2image-realistic.safetensors")
     out = tmp_path / "shipped"
     assert evaluate_main(["--models", str(SHIPPED), str(realistic), "--export-dir", str(fly_export),
                           "--val-images", "1", "--c2st-repeats", "3", "--out", str(out)]) == 0
-    res = json.loads((out / "report.json").read_text())["results"]
+    report = json.loads((out / "report.json").read_text())
+    res = report["results"]
+    assert report["shape_segmentation"] == "pipeline"
     model = next(v for k, v in res.items() if k.startswith("cp2image-default"))
     real = next(v for k, v in res.items() if k.startswith("cp2image-realistic"))
-    assert model["features"]["AreaShape"]["median_r"] >= 0.88
+    assert model["features"]["AreaShape"]["median_r"] >= 0.92
     assert model["features"]["Intensity"]["median_r"] >= 0.92
-    assert model["features"]["Texture"]["median_r"] >= 0.90
+    assert model["features"]["Texture"]["median_r"] >= 0.89
     assert model["features"]["all"]["median_r"] >= 0.90
+    assert model["no_object_found"] <= 3 and real["no_object_found"] <= 10
     assert model["pixels"]["ssim"] > res["nearest neighbour"]["pixels"]["ssim"]
     for family in ("AreaShape", "Intensity", "Texture"):
         assert model["features"][family]["median_r"] > res["nearest neighbour"]["features"][family]["median_r"]
         assert real["features"][family]["median_r"] > res["nearest neighbour"]["features"][family]["median_r"]
-    assert real["features"]["all"]["median_r"] >= 0.88
-    assert real["features"]["Intensity"]["median_r"] >= 0.92
+    assert real["features"]["AreaShape"]["median_r"] >= 0.78
+    assert real["features"]["all"]["median_r"] >= 0.89
+    assert real["features"]["Intensity"]["median_r"] >= 0.91
     assert real["c2st"] < model["c2st"] - 0.05  # the point of the realistic model
     # neither model's cells carry a pattern at the same place in every cell any more (--pattern-loss): default
-    # 0.57, was 0.94; realistic 0.54, was 0.78
-    assert model["c2st_cell"] < 0.70
-    assert real["c2st_cell"] < 0.70
+    # 0.49, realistic 0.48 (before the pattern loss 0.94 and 0.78)
+    assert model["c2st_cell"] < 0.65
+    assert real["c2st_cell"] < 0.65
     # in its real surroundings the synthesized cell is far harder to spot than the whole synthesized crop
-    # (2026-11-29 on this field: 0.48 vs 0.79): what gives a crop away is the surroundings
+    # (2026-11-29 on this field: 0.47 vs 0.81): what gives a crop away is the surroundings
     assert real["c2st_context"] < real["c2st"] - 0.15
 
 
@@ -230,6 +234,12 @@ def test_pipeline_segmentation_finds_the_exported_nuclei_in_real_crops(fly_expor
     assert iou(found) > 0.85 and iou(found) > iou(segment(crops)) + 0.15
     assert found[:120].any((1, 2)).mean() > 0.9
     # Cells come from IdentifySecondaryObjects: the error says so, and what to use instead
+    # (so the evaluate command's default, auto, measures Cells' shape on per-crop Otsu); likewise Nuclei from a
+    # channel the model does not draw
     cells = Remeasurer(ROOT / "pipelines" / "ExampleFly_features.cppipe", "Cells", CHANNELS)
     with pytest.raises(CP2ImageError, match=r"no IdentifyPrimaryObjects module that makes Cells.*otsu"):
         cells.segment_like_pipeline(crops[:2])
+    no_dna = Remeasurer(ROOT / "pipelines" / "ExampleFly_features.cppipe", "Nuclei", ["FITC", "Rhodamine"])
+    assert not cells.can_segment_like_pipeline and not no_dna.can_segment_like_pipeline
+    with pytest.raises(CP2ImageError, match=r"makes Nuclei from one of the channels \['FITC', 'Rhodamine'\]"):
+        no_dna.segment_like_pipeline(crops[:2, 1:])

@@ -209,6 +209,25 @@ def test_outline_loss_thresholds_as_the_evaluation_segments(fly_export):
         field_thresholds(fly_export, "Cytoplasm", ts.image_number[:3])
 
 
+def test_field_thresholds_name_the_image_set_without_one(fly_export, tmp_path):
+    """An Image.csv whose threshold is blank for an image set (or lacks the image set) is named, not read as NaN."""
+    import csv
+
+    from cp2image_core.train import field_thresholds
+
+    with open(fly_export / "Image.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    column = rows[0].index("Threshold_FinalThreshold_Nuclei")
+    rows[2][column] = ""  # image set 2
+    with open(tmp_path / "Image.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    assert torch.isfinite(field_thresholds(tmp_path, "Nuclei", np.array([1, 1]))).all()
+    with pytest.raises(CP2ImageError, match=r"image set\(s\) \[2\]"):
+        field_thresholds(tmp_path, "Nuclei", np.array([1, 2, 2]))
+    with pytest.raises(CP2ImageError, match=r"\[7\]"):
+        field_thresholds(fly_export, "Nuclei", np.array([1, 7]))
+
+
 def test_edge_loss_reads_the_pixels_cellprofiler_calls_the_edge(fly_export):
     """The edge pixels are centrosome's outline of each real nucleus (what MeasureObjectIntensity's *Edge features
     read); the edge loss is 0 for the real crop and rises when its outline is blurred into a ramp."""

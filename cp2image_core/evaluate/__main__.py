@@ -57,10 +57,12 @@ def get_args(argv=None) -> argparse.Namespace:
                    "Nuclei.AreaShape_Area (values at -2..+2 standard deviations)")
     p.add_argument("--cell", type=int, default=0, help="held-out cell index for --traverse")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shape-segmentation", choices=["otsu", "pipeline"], default="otsu",
-                   help="how each crop's object is found for MeasureObjectSizeShape: 'otsu' (Otsu threshold of the "
-                        "first channel, per crop) or 'pipeline' (the features pipeline's own IdentifyPrimaryObjects "
-                        "for these objects, on all crops of a method at once)")
+    p.add_argument("--shape-segmentation", choices=["auto", "pipeline", "otsu"], default="auto",
+                   help="how each crop's object is found for MeasureObjectSizeShape: 'pipeline' (the features "
+                        "pipeline's own IdentifyPrimaryObjects for these objects, on all crops of a method at once), "
+                        "'otsu' (Otsu threshold of the first channel, per crop), or 'auto' (default): 'pipeline' "
+                        "where that module exists and reads one of the model's channels, else 'otsu'; the report "
+                        "says which")
     p.add_argument("--c2st-repeats", type=int, default=5,
                    help="C2ST classifiers trained per method (different splits and starts); the table gives their "
                         "mean, as one run on a few hundred cells varies by ±0.1")
@@ -123,10 +125,16 @@ def evaluate(args: argparse.Namespace) -> dict:
     methods["random training crop"] = ts.crops[rng.choice(train, len(val), replace=len(train) < len(val))]
 
     remeasurer = Remeasurer(args.features_pipeline, ref.object_name, ref.channels)
+    shape_segmentation = args.shape_segmentation
+    if shape_segmentation == "auto":
+        shape_segmentation = "pipeline" if remeasurer.can_segment_like_pipeline else "otsu"
+        if shape_segmentation == "otsu":
+            print(f"note: {args.features_pipeline} has no IdentifyPrimaryObjects that makes {ref.object_name} from "
+                  f"one of {ref.channels}; shape re-measured on a per-crop Otsu segmentation", file=sys.stderr)
     inputs = {f: ts.features[val, j] for (o, f), j in index.items() if o == ref.object_name}
     results, remeasured = {}, {}
     for name, crops in methods.items():
-        found = remeasurer.segment_like_pipeline(crops) if args.shape_segmentation == "pipeline" else segment(crops)
+        found = remeasurer.segment_like_pipeline(crops) if shape_segmentation == "pipeline" else segment(crops)
         shape = remeasurer.measure(crops, found, (SHAPE,))
         inside = remeasurer.measure(crops, masks, (INTENSITY, TEXTURE))
         feats = {**{f: v for f, v in shape.items() if f.startswith("AreaShape_")},
@@ -156,7 +164,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         results[name]["ks_median"] = ks_median(remeasured["real crops (ceiling)"], remeasured[name])
     report = {"n_val_cells": len(val), "val_images": sorted(set(ts.image_number[val].tolist())),
               "n_train_cells": len(train), "models": args.models, "mask": args.mask_image or "segmented",
-              "shape_segmentation": args.shape_segmentation,
+              "shape_segmentation": shape_segmentation,
               "results": {k: {kk: vv for kk, vv in v.items() if kk != "r"} for k, v in results.items()},
               "generate_seconds": timings, "c2st_repeats": len(seeds)}
     (out / "report.json").write_text(json.dumps(report, indent=1, default=float))

@@ -82,15 +82,21 @@ class Remeasurer:
         if missing:
             raise ValueError(f"{features_pipeline} lacks {', '.join(sorted(missing))}")
 
+    @property
+    def can_segment_like_pipeline(self) -> bool:
+        """True if the pipeline's IdentifyPrimaryObjects makes these objects from one of the crops' channels."""
+        return self.identify is not None and self.identify.x_name.value in self.channels
+
     def segment_like_pipeline(self, crops: np.ndarray, gap: int = 2) -> np.ndarray:
         """(N, S, S) masks: the object at each crop's centre as the pipeline's own IdentifyPrimaryObjects finds it.
 
         All crops are segmented at once on their mosaic (one global threshold, as for a field of such cells),
         with its size limits, declumping and border rule; a crop whose centre holds no object gets an empty mask.
         """
-        if self.identify is None:
+        if not self.can_segment_like_pipeline:
             raise CP2ImageError(f"--shape-segmentation pipeline: the features pipeline has no {IDENTIFY} module that "
-                                f"makes {self.object_name}; use --shape-segmentation otsu")
+                                f"makes {self.object_name} from one of the channels {self.channels}; "
+                                "use --shape-segmentation otsu")
         Image, ImageSetList, Measurements, _, ObjectSet, Pipeline, Workspace = _cp()
         n, _, s, _ = crops.shape
         mosaic, _ = tile(crops, np.zeros((n, s, s), bool), gap)
