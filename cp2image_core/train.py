@@ -128,7 +128,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="threshold of the outline loss: each synthesized crop's own Otsu threshold, or 'field': "
                         "the threshold IdentifyPrimaryObjects used on the cell's own field (Image.csv "
                         "Threshold_FinalThreshold_<objects>), so edges fall where the pipeline's segmentation puts "
-                        "them")
+                        "them; list the image the objects were identified from first in --channels")
     m.add_argument("--init-from", default=None,
                    help="start from this model file's generator weights (fine-tuning; same architecture and features)")
     m.add_argument("--encoder-steps", type=int, default=600, help="pre-training steps of the feature encoder")
