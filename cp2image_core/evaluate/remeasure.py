@@ -99,9 +99,11 @@ class Remeasurer:
                                 "use --shape-segmentation otsu")
         Image, ImageSetList, Measurements, _, ObjectSet, Pipeline, Workspace = _cp()
         n, _, s, _ = crops.shape
-        mosaic, _ = tile(crops, np.zeros((n, s, s), bool), gap)
         channel = self.channels.index(self.identify.x_name.value)
-        image = np.pad(mosaic[channel], ((gap, 0), (gap, 0)))  # no tile touches the image's border
+        shape, windows = tile_windows(n, s, gap)
+        image = np.zeros((shape[0] + gap, shape[1] + gap), np.float32)  # a gap at the top and left too: no tile
+        for i, (ys, xs) in enumerate(windows):                        # touches the image's border
+            image[gap + ys.start:gap + ys.stop, gap + xs.start:gap + xs.stop] = crops[i, channel]
         image_set_list = ImageSetList()
         image_set = image_set_list.get_image_set(0)
         image_set.add(self.identify.x_name.value, Image(image))
@@ -110,7 +112,7 @@ class Remeasurer:
         self.identify.run(workspace)
         labels = object_set.get_objects(self.object_name).segmented[gap:, gap:]
         masks = np.zeros((n, s, s), bool)
-        for i, window in enumerate(tile_windows(n, s, gap)[1]):
+        for i, window in enumerate(windows):
             pick = centre_label(labels[window])
             if pick:
                 masks[i] = labels[window] == pick
