@@ -1,6 +1,7 @@
 """Evaluation metrics on inputs with known answers, and the evaluate command on real ExampleFly cells."""
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -125,6 +126,15 @@ def test_evaluate_on_real_cells(fly_export, tiny_model, tmp_path):
         assert all(lo <= f[k]["median_r"] <= hi for k, (lo, hi) in f["ci95"].items() if np.isfinite(lo))
         assert set(f["spearman"]) == {"AreaShape", "Intensity", "Texture", "all"}
     assert "Spearman" in (out / "report.md").read_text()
+    with open(out / "feature_r.csv", newline="") as fh:  # every feature's r: the medians above are made of them
+        rows = list(csv.DictReader(fh))
+    assert rows and set(rows[0]) == {"feature", "family", *res}
+    for name, r in res.items():
+        for fam in ("AreaShape", "Intensity", "Texture"):
+            vals = [float(row[name]) for row in rows if row["family"] == fam and row[name]]
+            assert len(vals) == r["features"][fam]["n"]
+            if vals:
+                assert np.median(vals) == pytest.approx(r["features"][fam]["median_r"], abs=1e-4)
     for f in ("report.md", "grid.png", "scatter.png", "r_hist.png", "traverse_Nuclei.AreaShape_Area.png"):
         assert (out / f).exists(), f
 

@@ -27,6 +27,7 @@ from .metrics import (
     FAMILIES,
     bootstrap_medians,
     c2st,
+    family,
     ks_median,
     pearson,
     pixel_metrics,
@@ -168,11 +169,25 @@ def evaluate(args: argparse.Namespace) -> dict:
               "results": {k: {kk: vv for kk, vv in v.items() if kk != "r"} for k, v in results.items()},
               "generate_seconds": timings, "c2st_repeats": len(seeds)}
     (out / "report.json").write_text(json.dumps(report, indent=1, default=float))
+    write_feature_r(out / "feature_r.csv", {name: res["r"] for name, res in results.items()})
     figures(out, methods, inputs, remeasured, results)
     if args.traverse:
         traverse(out, args.models[0], ts, val[args.cell], args.traverse)
     (out / "report.md").write_text(markdown(report))
     return report
+
+
+def write_feature_r(path: Path, rs: dict[str, dict[str, float]]) -> None:
+    """One row per re-measured feature: its family and each method's Pearson r with the input (blank: undefined)."""
+    import csv
+
+    names = sorted(set().union(*rs.values()), key=lambda f: (family(f), f))
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["feature", "family", *rs])
+        for f in names:
+            w.writerow([f, family(f), *("" if not np.isfinite(r.get(f, np.nan)) else f"{r[f]:.4f}"
+                                        for r in rs.values())])
 
 
 def cell_window(masks: np.ndarray, grow: int = 3, blur: float = 1.5) -> np.ndarray:
@@ -252,6 +267,7 @@ surroundings, which a cell's features do not determine, add. On the real crops r
 two random halves of the held-out cells (half as many per classifier): the test's own chance level. The random
 training crop row is a floor for all three: real cells of the training fields, told from the held-out field's.
 KS: median Kolmogorov–Smirnov statistic between the re-measured features of real and synthesized crops.
+Every feature's r for every method: `feature_r.csv`.
 
 {table(report)}
 
