@@ -46,12 +46,20 @@ def texture_stats(x: torch.Tensor, mask: torch.Tensor, scale: int = 3) -> torch.
     return torch.stack(out, 2)
 
 
-def texture_loss(fake: torch.Tensor, real: torch.Tensor, mask: torch.Tensor, scale: int = 3) -> torch.Tensor:
-    """Log-ratio of the positive moments and difference of correlations, synthesized vs real, in the real mask."""
+def texture_loss(fake: torch.Tensor, real: torch.Tensor, mask: torch.Tensor, scale: int = 3,
+                 channel_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Log-ratio of the positive moments and difference of correlations, synthesized vs real, in the real mask.
+
+    ``channel_weights`` (C,) scales each channel's term (the mean over channels when all are 1).
+    """
     sf, sr = texture_stats(fake.float(), mask, scale), texture_stats(real.float(), mask, scale)
     pos = [0, 1, 2, 4]
     log_ratio = (torch.log(sf[..., pos].clamp_min(0) + _EPS) - torch.log(sr[..., pos].clamp_min(0) + _EPS)).abs()
-    return log_ratio.mean() + (sf[..., 3] - sr[..., 3]).abs().mean()
+    corr = (sf[..., 3] - sr[..., 3]).abs()
+    if channel_weights is None:  # the plain mean, summed in the order the shipped models were trained with
+        return log_ratio.mean() + corr.mean()
+    per_channel = log_ratio.mean((0, 2, 3)) + corr.mean((0, 2))
+    return (per_channel * channel_weights.to(per_channel)).mean()
 
 
 def masked_quantiles(x: torch.Tensor, mask: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

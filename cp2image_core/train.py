@@ -107,6 +107,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--texture-scale", type=int, nargs="+", default=[3],
                    help="MeasureTexture's scale, pixels; several (e.g. 1 2 3) also match the co-occurrence moments "
                         "at the smaller offsets, where a regular 2-pixel pattern differs from real texture")
+    m.add_argument("--texture-channel-weights", type=float, nargs="+", default=None, metavar="W",
+                   help="one weight per --channels entry, multiplying that channel's share of the texture loss "
+                        "(e.g. 1 2 4 to push the channels whose texture re-measures worst; default: all 1)")
     m.add_argument("--intensity-loss", type=float, default=0.0,
                    help="weight of the loss on intensity quantiles (min, quartiles, max) inside the object mask "
                         "(what MeasureObjectIntensity reports; needs --mask-image; 0: off)")
@@ -243,6 +246,12 @@ def train(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir or f"{out}.run")
     run_dir.mkdir(parents=True, exist_ok=True)
     loss_kind = args.loss or ("paper" if args.arch == "cp2image-paper" else "adversarial")
+    tex_weights = None
+    if args.texture_channel_weights is not None:
+        if len(args.texture_channel_weights) != len(args.channels) or min(args.texture_channel_weights) < 0:
+            raise CP2ImageError(f"--texture-channel-weights {' '.join(map(str, args.texture_channel_weights))}: "
+                                f"give one weight >= 0 per channel of --channels ({' '.join(args.channels)})")
+        tex_weights = torch.tensor(args.texture_channel_weights)
 
     # ---- data: cached training set, standardized with training-split statistics
     ts = build_training_set(args.export_dir, args.objects, args.feature_objects or [args.objects], args.channels,
@@ -368,7 +377,7 @@ def train(args: argparse.Namespace) -> int:
             mask = m_all[idx].to(device) if m_all is not None else None
             terms = {}  # name -> (weight, value): the losses aimed at what CellProfiler re-measures
             if args.texture_loss:
-                tex = sum(texture_loss(fake, x, mask, scale) for scale in args.texture_scale)
+                tex = sum(texture_loss(fake, x, mask, scale, tex_weights) for scale in args.texture_scale)
                 terms["tex"] = args.texture_loss, tex / len(args.texture_scale)
             if args.intensity_loss:
                 terms["int"] = args.intensity_loss, intensity_distribution_loss(fake, x, mask)

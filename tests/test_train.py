@@ -167,6 +167,14 @@ def test_texture_and_intensity_losses_measure_what_cellprofiler_measures():
     assert np.allclose(got, [inside[0], inside[round(0.5 * (len(inside) - 1))], inside[-1]])
     assert texture_loss(x, x, mask) == 0
     assert texture_loss(0.5 + 0.1 * x, x, mask) > 0.5  # lower contrast is penalised
+    # per-channel weights scale each channel's share: all 1 is the plain mean, (1, 0, 0) keeps channel 0's third
+    x3 = torch.rand(2, 3, 24, 24, generator=g)
+    fake3 = 0.5 + 0.1 * x3 * torch.tensor([1.0, 2.0, 4.0])[:, None, None]
+    plain = texture_loss(fake3, x3, mask)
+    assert torch.isclose(texture_loss(fake3, x3, mask, channel_weights=torch.ones(3)), plain)
+    first = texture_loss(fake3, x3, mask, channel_weights=torch.tensor([1.0, 0.0, 0.0]))
+    assert torch.isclose(first, texture_loss(fake3[:, :1], x3[:, :1], mask) / 3)
+    assert texture_loss(fake3, x3, mask, channel_weights=torch.tensor([3.0, 0.0, 0.0])) > plain  # the worst one
 
 
 def test_outline_loss_thresholds_as_the_evaluation_segments(fly_export):
@@ -303,6 +311,12 @@ def test_decoder_trains_with_texture_losses_and_arch_params(fly_export, tmp_path
                        "--out", str(anchored)]) == 0
     last = json.loads((Path(f"{anchored}.run") / "history.json").read_text())[-1]
     assert {"train_edge", "train_pattern", "train_level"} <= set(last)
+    capsys.readouterr()  # per-channel texture weights: one per channel, or a clear error before any work
+    assert train_main([*common, "--mask-image", "NucleiLabels", "--texture-channel-weights", "1", "2",
+                       "--out", str(tmp_path / "w.safetensors")]) == 2
+    assert "one weight >= 0 per channel of --channels" in capsys.readouterr().err
+    assert train_main([*common, "--mask-image", "NucleiLabels", "--texture-channel-weights", "1", "2", "4",
+                       "--steps", "2", "--out", str(tmp_path / "w.safetensors")]) == 0
     synth = load_synthesizer_uncached(anchored, "cpu")
     spec = synth.spec
     z = np.zeros((3, spec.n_features), np.float32)
