@@ -216,6 +216,8 @@ def test_remeasured_values_stay_with_their_crop_when_a_mask_is_empty():
     out = Remeasurer(ROOT / "pipelines" / "ExampleFly_features.cppipe", "Nuclei", CHANNELS).measure(
         crops, masks, (SHAPE, INTENSITY))
     assert np.array_equal(out["AreaShape_Area"], [25, np.nan, 225, 400], equal_nan=True)
+    # squares of side 5, 15, 20: the largest distance to the background, as MeasureObjectSizeShape counts it
+    assert np.array_equal(out["AreaShape_MaximumRadius"], [3, np.nan, 8, 10], equal_nan=True)
     mean = [crops[i, 0][masks[i]].mean() for i in (0, 2, 3)]
     assert np.allclose(out["Intensity_MeanIntensity_DNA"][[0, 2, 3]], mean) and np.isnan(
         out["Intensity_MeanIntensity_DNA"][1])

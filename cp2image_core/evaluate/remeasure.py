@@ -49,14 +49,20 @@ def centre_label(labels: np.ndarray) -> int:
 
 
 def tile(crops: np.ndarray, masks: np.ndarray, gap: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """Mosaic (C, H, W) of the crops with ``gap`` zero pixels between tiles, and labels (H, W): crop i -> i + 1."""
+    """Mosaic (C, H, W) of the crops with ``gap`` zero pixels between tiles, and labels (H, W): the k-th crop with a
+    non-empty mask -> k + 1.
+
+    Labels are consecutive because MeasureObjectSizeShape (4.2) returns its radius features packed over the
+    labels present but as long as the largest label: with a gap, the values after it would belong to other crops.
+    """
     n, c, s, _ = crops.shape
     shape, windows = tile_windows(n, s, gap)
     mosaic = np.zeros((c, *shape), np.float32)
     labels = np.zeros(shape, np.int32)
+    number = np.cumsum(masks.reshape(n, -1).any(1))
     for i, (ys, xs) in enumerate(windows):
         mosaic[:, ys, xs] = crops[i]
-        labels[ys, xs][masks[i]] = i + 1
+        labels[ys, xs][masks[i]] = number[i]
     return mosaic, labels
 
 
@@ -137,17 +143,13 @@ class Remeasurer:
             module = self.modules[name]
             module.run(Workspace(pipeline, module, image_set, object_set, measurements, image_set_list))
         out = {}
-        present = np.zeros(n, bool)
-        present[np.unique(labels[labels > 0]) - 1] = True
-        rows = np.flatnonzero(present)
+        rows = np.flatnonzero(masks.reshape(n, -1).any(1))  # label k + 1 is crop rows[k]
         for feat in measurements.get_feature_names(self.object_name):
             v = np.asarray(measurements.get_current_measurement(self.object_name, feat), dtype=np.float64)
+            if len(v) != len(rows):
+                raise RuntimeError(f"{feat}: {len(v)} values for {len(rows)} objects")
             full = np.full(n, np.nan)
-            if len(v) == len(rows):  # one value per object present, in label order (crops with empty masks skipped)
-                full[rows] = v
-            else:  # one per label up to the largest
-                full[:min(n, len(v))] = v[:n]
-                full[~present] = np.nan
+            full[rows] = v
             out[feat] = full
         return out
 
