@@ -239,6 +239,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
+    tex_weights = None
+    if args.texture_channel_weights is not None:
+        if len(args.texture_channel_weights) != len(args.channels) or min(args.texture_channel_weights) < 0:
+            raise CP2ImageError(f"--texture-channel-weights {' '.join(map(str, args.texture_channel_weights))}: "
+                                f"give one weight >= 0 per channel of --channels ({' '.join(args.channels)})")
+        tex_weights = torch.tensor(args.texture_channel_weights)
     rank, world, device = setup_distributed(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -246,12 +252,6 @@ def train(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir or f"{out}.run")
     run_dir.mkdir(parents=True, exist_ok=True)
     loss_kind = args.loss or ("paper" if args.arch == "cp2image-paper" else "adversarial")
-    tex_weights = None
-    if args.texture_channel_weights is not None:
-        if len(args.texture_channel_weights) != len(args.channels) or min(args.texture_channel_weights) < 0:
-            raise CP2ImageError(f"--texture-channel-weights {' '.join(map(str, args.texture_channel_weights))}: "
-                                f"give one weight >= 0 per channel of --channels ({' '.join(args.channels)})")
-        tex_weights = torch.tensor(args.texture_channel_weights)
 
     # ---- data: cached training set, standardized with training-split statistics
     ts = build_training_set(args.export_dir, args.objects, args.feature_objects or [args.objects], args.channels,
