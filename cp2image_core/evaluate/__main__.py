@@ -10,6 +10,7 @@ Writes report.md, report.json and PNG figures, and prints the table.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import sys
@@ -179,8 +180,6 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 def write_feature_r(path: Path, rs: dict[str, dict[str, float]]) -> None:
     """One row per re-measured feature: its family and each method's Pearson r with the input (blank: undefined)."""
-    import csv
-
     names = sorted(set().union(*rs.values()), key=lambda f: (family(f), f))
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)

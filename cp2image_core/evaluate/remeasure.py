@@ -48,9 +48,9 @@ def centre_label(labels: np.ndarray) -> int:
     return int(np.bincount(ids).argmax()) if ids.size else 0
 
 
-def tile(crops: np.ndarray, masks: np.ndarray, gap: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """Mosaic (C, H, W) of the crops with ``gap`` zero pixels between tiles, and labels (H, W): the k-th crop with a
-    non-empty mask -> k + 1.
+def tile(crops: np.ndarray, masks: np.ndarray, gap: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mosaic (C, H, W) of the crops with ``gap`` zero pixels between tiles, labels (H, W), and the crop of each
+    label (label k + 1 is crop ``rows[k]``: only crops with a non-empty mask are labelled, consecutively).
 
     Labels are consecutive because MeasureObjectSizeShape (4.2) returns its radius features packed over the
     labels present but as long as the largest label: with a gap, the values after it would belong to other crops.
@@ -59,11 +59,13 @@ def tile(crops: np.ndarray, masks: np.ndarray, gap: int = 2) -> tuple[np.ndarray
     shape, windows = tile_windows(n, s, gap)
     mosaic = np.zeros((c, *shape), np.float32)
     labels = np.zeros(shape, np.int32)
-    number = np.cumsum(masks.reshape(n, -1).any(1))
+    rows = np.flatnonzero(masks.reshape(n, -1).any(1))
     for i, (ys, xs) in enumerate(windows):
         mosaic[:, ys, xs] = crops[i]
-        labels[ys, xs][masks[i]] = number[i]
-    return mosaic, labels
+    for k, i in enumerate(rows):
+        ys, xs = windows[i]
+        labels[ys, xs][masks[i]] = k + 1
+    return mosaic, labels, rows
 
 
 class Remeasurer:
@@ -128,7 +130,7 @@ class Remeasurer:
         """Feature name -> (N,) values of each crop's masked object (NaN where a mask is empty)."""
         Image, ImageSetList, Measurements, Objects, ObjectSet, Pipeline, Workspace = _cp()
         n = len(crops)
-        mosaic, labels = tile(crops, masks)
+        mosaic, labels, rows = tile(crops, masks)
         image_set_list = ImageSetList()
         image_set = image_set_list.get_image_set(0)
         for c, name in enumerate(self.channels):
@@ -143,7 +145,6 @@ class Remeasurer:
             module = self.modules[name]
             module.run(Workspace(pipeline, module, image_set, object_set, measurements, image_set_list))
         out = {}
-        rows = np.flatnonzero(masks.reshape(n, -1).any(1))  # label k + 1 is crop rows[k]
         for feat in measurements.get_feature_names(self.object_name):
             v = np.asarray(measurements.get_current_measurement(self.object_name, feat), dtype=np.float64)
             if len(v) != len(rows):
