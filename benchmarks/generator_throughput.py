@@ -1,11 +1,13 @@
 """Raw generator throughput vs batch size, FLOPs per cell and the roofline of this machine.
 
     .venv/bin/python benchmarks/generator_throughput.py [--models ...] [--batches 1 16 64 256]
-        [--precision auto fp32 bf16 fp16]
+        [--precision auto fp32 bf16 fp16] [--device auto|cpu|cuda]
 
 Prints, for each architecture at its model's crop size: dense FLOPs per cell (PyTorch's FLOP
 counter), cells/s per batch size, and the fraction of the roofline = (this run's fp32 matmul
-rate) / (FLOPs per cell). Speeds are ratios measured in the same run, since machines differ.
+rate) / (FLOPs per cell). Speeds are ratios measured in the same run, since machines differ. On CUDA the
+shipped models' cells/s include the copy of every image back to (pinned) host memory, as in the module; the
+speed-only generators' outputs stay on the GPU and run in the last precision asked for.
 """
 from __future__ import annotations
 
@@ -18,14 +20,22 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cp2image_core import archs
 from cp2image_core.modelfile import read_spec
-from cp2image_core.synthesize import PRECISIONS, build_generator, load_synthesizer_uncached, resolve_device
+from cp2image_core.synthesize import (
+    PRECISIONS,
+    autocast_dtype,
+    build_generator,
+    load_synthesizer_uncached,
+    resolve_device,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def matmul_rate(device: torch.device, n: int = 2048, reps: int = 10) -> float:
-    """Achieved fp32 FLOP/s of an n x n matmul (the roofline's ceiling)."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_rate(device: torch.device, n: int = 2048, reps: int = 10, dtype: torch.dtype = torch.float32) -> float:
+    """Achieved FLOP/s of an n x n matmul (the roofline's ceiling): fp32 unless ``dtype`` says otherwise."""
+    if device.type == "cuda":  # a GPU needs a larger product to be busy
+        n, reps = max(n, 8192), max(reps, 20)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
     _sync(device)
@@ -63,15 +73,21 @@ def cells_per_s(synth, batch: int, min_seconds: float = 2.0) -> float:
     return n / (time.perf_counter() - t)
 
 
-def time_module(fn, n_features: int, batch: int, min_seconds: float = 2.0) -> float:
-    z = torch.randn(256, n_features)
-    with torch.inference_mode():
+def time_module(fn, n_features: int, batch: int, min_seconds: float = 2.0, device: torch.device | None = None,
+                amp: torch.dtype | None = None) -> float:
+    """cells/s of ``fn`` on batches of ``batch`` (on the GPU: the output stays there, timed to the last kernel)."""
+    device = device or torch.device("cpu")
+    total = max(batch, 256)
+    z = torch.randn(total, n_features, device=device)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
         fn(z[:batch])
+        _sync(device)
         n, t = 0, time.perf_counter()
         while time.perf_counter() - t < min_seconds:
-            for i in range(0, 256, batch):
+            for i in range(0, total, batch):
                 fn(z[i:i + batch])
-            n += 256
+            n += total
+            _sync(device)
     return n / (time.perf_counter() - t)
 
 
@@ -89,7 +105,13 @@ def main() -> None:
     a = p.parse_args()
     device = resolve_device(a.device)
     rate = matmul_rate(device)
-    print(f"device {device}, {torch.get_num_threads()} threads; fp32 2048^2 matmul: {rate / 1e9:.0f} GFLOP/s")
+    if device.type == "cuda":
+        half = {x: matmul_rate(device, dtype=x) for x in (torch.float16, torch.bfloat16)}
+        print(f"device {torch.cuda.get_device_name()}; fp32 8192^2 matmul: {rate / 1e12:.1f} TFLOP/s (TF32 "
+              f"{'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}); fp16 {half[torch.float16] / 1e12:.0f}, "
+              f"bf16 {half[torch.bfloat16] / 1e12:.0f} TFLOP/s; the roofline below is the fp32 one")
+    else:
+        print(f"device {device}, {torch.get_num_threads()} threads; fp32 2048^2 matmul: {rate / 1e9:.0f} GFLOP/s")
     best: dict[str, float] = {}  # best cells/s over batch sizes, per model and per speed-only path
     for m, precision in ((m, x) for m in a.models for x in a.precision):
         spec = read_spec(m)
@@ -106,18 +128,20 @@ def main() -> None:
             best[name] = max(best.get(name, 0.0), c)
             print(f"{b:5d}  {c:7.0f}  {100 * c / roof:6.1f}%")
     n_features = read_spec(a.models[0]).n_features
+    speed_amp = autocast_dtype(device, a.precision[-1])
     for item in a.speed_only:
         arch, crop = item.split("@")
-        gen = archs.build(arch, n_features, 3, int(crop)).eval().to(device)
+        gen = archs.build(arch, n_features, 3, int(crop)).eval()
         f = flops_per_cell(gen, n_features) if not hasattr(gen, "net") else _dense_flops(gen, n_features)
+        gen = gen.to(device)
         roof = rate / f
         paths = {"dense": lambda z, g=gen: g.net(z[:, :, None, None])} if hasattr(gen, "net") else {}
         paths["eval path"] = gen
-        print(f"\n{arch} at 3x{crop}x{crop}, {n_features} features (fresh weights, speed only): "
-              f"{f / 1e6:.0f} MFLOP/cell dense -> roofline {roof:.0f} cells/s")
+        print(f"\n{arch} at 3x{crop}x{crop}, {n_features} features (fresh weights, speed only, "
+              f"{speed_amp or torch.float32}): {f / 1e6:.0f} MFLOP/cell dense -> roofline {roof:.0f} cells/s")
         print("batch  " + "  ".join(f"{k:>10s} cells/s (% roofline)" for k in paths))
         for b in a.batches:
-            rates = [time_module(fn, n_features, b) for fn in paths.values()]
+            rates = [time_module(fn, n_features, b, device=device, amp=speed_amp) for fn in paths.values()]
             for k, r in zip(paths, rates):
                 best[f"{arch} {k}"] = max(best.get(f"{arch} {k}", 0.0), r)
             print(f"{b:5d}  " + "  ".join(f"{r:18.0f} ({100 * r / roof:5.1f}%)" for r in rates))

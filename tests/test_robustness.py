@@ -125,7 +125,7 @@ class Overflows(torch.nn.Module):
     """A generator whose float16 intermediate overflows (1e5 > 65504), giving NaN; in fp32 it is 0.5 everywhere."""
 
     def forward(self, z):
-        big = torch.nn.functional.linear(z, torch.full((4, z.shape[1]), 1e5))
+        big = torch.nn.functional.linear(z, torch.full((4, z.shape[1]), 1e5, device=z.device))
         return torch.sigmoid(big - big).reshape(len(z), 1, 2, 2)
 
 
