@@ -24,6 +24,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/generator_throughput.py
 	$(PY) benchmarks/module_overhead.py
+	$(PY) benchmarks/synthesis_path.py --batch-size 64 256
 	$(PY) benchmarks/pytorch_options.py
 	$(PY) benchmarks/analysis_workers.py
 	$(PY) benchmarks/training_throughput.py

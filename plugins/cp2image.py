@@ -183,8 +183,9 @@ class CP2Image(Module):
             64,
             minval=1,
             maxval=65536,
-            doc="Objects synthesized together (default 64). Larger is faster on a GPU; lower it if memory "
-            "runs out (on a GPU, out-of-memory batches are retried at half the size automatically).",
+            doc="Objects synthesized together (default 64). On a GPU use 1024: an NVIDIA "
+            "H200 synthesized and wrote 1.6x as many cells per second as at 64. Lower it if memory runs out "
+            "(on a GPU, out-of-memory batches are retried at half the size automatically).",
         )
         self.precision = Choice(
             "Precision",
