@@ -10,7 +10,10 @@ setup(
     packages=find_packages(include=["cp2image_core", "cp2image_core.*"]),
     python_requires=">=3.9",
     install_requires=[
-        "numpy<2",
+        # CellProfiler 4.2 (Python 3.8/3.9) needs numpy 1; the core alone also runs on numpy 2 (Python 3.11, 3.12)
+        "numpy<2; python_version<'3.10'",
+        "numpy; python_version>='3.10'",
+        "h5py",
         "torch>=2.0",
         "safetensors>=0.4",
         "tqdm>=4.60",
