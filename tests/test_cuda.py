@@ -10,7 +10,7 @@ import pytest
 import tifffile
 import torch
 from conftest import ROOT, SHIPPED
-from test_robustness import Overflows
+from test_robustness import FakeMeasurements, Overflows
 
 from cp2image_core import archs
 from cp2image_core.module_support import synthesize_and_write
@@ -79,19 +79,6 @@ def test_fast_paper_generator_equals_the_dense_one_on_the_gpu():
     assert torch.allclose(fast, dense, atol=5e-3 * dense.abs().max().item()), (fast - dense).abs().max()
 
 
-class Exported:
-    """The two measurement calls the module makes, over arrays (the in-process module tests use CellProfiler's)."""
-
-    def __init__(self, values):
-        self.values = values
-
-    def has_feature(self, obj, feat):
-        return (obj, feat) in self.values
-
-    def get_current_measurement(self, obj, feat):
-        return self.values.get((obj, feat))
-
-
 def test_pipelined_stack_on_the_gpu_is_the_cpu_stack(tmp_path):
     """The module's CUDA path (features on the GPU once, batches copied back while the next runs) writes the
     stack and the synthetic field the CPU writes, object by object in order."""
@@ -108,7 +95,7 @@ def test_pipelined_stack_on_the_gpu_is_the_cpu_stack(tmp_path):
         ys, xs = np.divmod(np.arange(150), 15)
         values[("Nuclei", "Location_Center_X")] = 25.0 * xs + 10.5
         values[("Nuclei", "Location_Center_Y")] = 20.0 * ys + 9.5
-        out = synthesize_and_write(synth, Exported(values), "Nuclei", labels, batch_size=32,
+        out = synthesize_and_write(synth, FakeMeasurements(values), "Nuclei", labels, batch_size=32,
                                    folder=str(tmp_path / device), base="stack", per_object=False, overwrite=False,
                                    want_field=True)
         stacks[device], fields[device] = tifffile.imread(tmp_path / device / out.file_name), out.field
