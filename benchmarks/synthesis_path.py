@@ -1,7 +1,7 @@
 """The module's synthesis path, outside CellProfiler, against the raw generator on this machine's device.
 
     python benchmarks/synthesis_path.py [--model weights/cp2image-default.safetensors] [--batch-size 64]
-        [--device auto|cpu|cuda] [--precision auto] [--field] [--export-dir build/examplefly/features]
+        [--device auto|cpu|cuda] [--precision auto] [--field] [--bit-depth 32|16] [--export-dir ...]
 
 What CP2Image's ``run`` does for each image set once CellProfiler hands it the measurements
 (``module_support.synthesize_and_write``): read the model's features, standardize them, generate in batches
@@ -28,7 +28,12 @@ sys.path.insert(0, str(ROOT))
 
 from cp2image_core.dataset import _numeric, _read_csv, load_labels  # noqa: E402
 from cp2image_core.features import standardize  # noqa: E402
-from cp2image_core.module_support import _atomic_tiff, read_feature_matrix, synthesize_and_write  # noqa: E402
+from cp2image_core.module_support import (  # noqa: E402
+    PIXEL_TYPES,
+    _atomic_tiff,
+    read_feature_matrix,
+    synthesize_and_write,
+)
 from cp2image_core.synthesize import PRECISIONS, load_synthesizer_uncached  # noqa: E402
 
 
@@ -83,6 +88,8 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument("--field", action="store_true", help="also paste the synthetic field (the module's option)")
+    p.add_argument("--bit-depth", type=int, default=32, choices=sorted(PIXEL_TYPES),
+                   help="pixel type of the pages written: 32 float, 16 integer (the module's Image bit depth)")
     p.add_argument("--passes", type=int, default=3, help="timed passes after one warm-up; the best is kept")
     a = p.parse_args()
     synth = load_synthesizer_uncached(a.model, a.device, a.precision)
@@ -91,7 +98,8 @@ def main() -> None:
     z_all = [standardize(read_feature_matrix(m, synth.spec, int(labels.max())), synth.spec)[0] for m, labels in sets]
     name = torch.cuda.get_device_name() if synth.device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"{Path(a.model).name} on {name}, precision {synth.amp or torch.float32}; {len(sets)} image sets, "
-          f"{cells} {a.objects}; synthetic field {'on' if a.field else 'off'}; best of {a.passes} passes")
+          f"{cells} {a.objects}; synthetic field {'on' if a.field else 'off'}; {a.bit_depth}-bit pages; best of "
+          f"{a.passes} passes")
     print(f"{'batch':>5s} {'path cells/s':>12s} {'raw cells/s':>11s} {'path/raw':>8s} {'read s':>7s} "
           f"{'write s':>7s} {'raw s':>6s} {'path s':>6s}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,7 +108,8 @@ def main() -> None:
                 for m, labels in sets:
                     synthesize_and_write(synth, m, a.objects, labels, batch_size=bs, folder=tmp,
                                          base=f"CP2Image_{a.objects}_ImageSet{m.image_set_number:04d}",
-                                         per_object=False, overwrite=True, want_field=a.field, keep=0)
+                                         per_object=False, overwrite=True, want_field=a.field, keep=0,
+                                         bit_depth=a.bit_depth)
 
             def raw(bs: int = bs) -> None:
                 for z in z_all:
@@ -114,7 +123,7 @@ def main() -> None:
 
             def write(images: list[np.ndarray] = images) -> None:
                 for k, im in enumerate(images):
-                    _atomic_tiff(Path(tmp) / f"w{k}.tiff", im, "TCYX")
+                    _atomic_tiff(Path(tmp) / f"w{k}.tiff", im, "TCYX", dtype=PIXEL_TYPES[a.bit_depth])
 
             path(), raw()  # warm-up: kernels chosen, pinned memory and files allocated
             t_path, t_raw = best_of(path, a.passes), best_of(raw, a.passes)

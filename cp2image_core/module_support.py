@@ -171,10 +171,11 @@ def object_centers(measurements, objects_name: str, n: int) -> np.ndarray:
 
 def synthesize_and_write(synth: Synthesizer, measurements, objects_name: str, labels: np.ndarray, *,
                          batch_size: int, folder: str, base: str, per_object: bool, overwrite: bool,
-                         want_field: bool, keep: int = 6) -> Synthesized:
+                         want_field: bool, keep: int = 6, bit_depth: int = 32) -> Synthesized:
     """Synthesize every object of the image set batch by batch, streaming pages to disk.
 
-    Memory stays bounded by the batch (plus the field image), whatever the number of objects.
+    Memory stays bounded by the batch (plus the field image), whatever the number of objects. ``bit_depth`` 16
+    writes uint16 pages (see ``to_pixels``), 32 float32 ones.
     """
     spec = synth.spec
     n = int(labels.max()) if labels.size else 0
@@ -195,12 +196,14 @@ def synthesize_and_write(synth: Synthesizer, measurements, objects_name: str, la
             gallery.extend(images[: max(0, keep - len(gallery))])
             yield start, images
 
+    dtype = PIXEL_TYPES[bit_depth]
     if per_object:
         for start, images in batches():
             for i, img in enumerate(images):
-                _atomic_tiff(out / names[start + i], img, "CYX")
+                _atomic_tiff(out / names[start + i], img, "CYX", dtype=dtype)
     elif n:
-        _atomic_tiff(out / names[0], batches(), "TCYX", shape=(n, spec.n_channels, spec.crop_size, spec.crop_size))
+        _atomic_tiff(out / names[0], batches(), "TCYX", shape=(n, spec.n_channels, spec.crop_size, spec.crop_size),
+                     dtype=dtype)
     s = spec.crop_size
     return Synthesized(
         count=n, imputed=imputed, centers=centers,
@@ -225,8 +228,19 @@ def check_writable(out: Path, names: list[str], overwrite: bool) -> None:
                                 "folder or set 'Overwrite existing files?' to Yes")
 
 
-def _atomic_tiff(path: Path, data, axes: str, shape: tuple | None = None) -> None:
-    """Write a float32 ImageJ TIFF under a temporary name, then rename it.
+PIXEL_TYPES = {32: np.float32, 16: np.uint16}  # bit depth -> pixel type of the pages written
+
+
+def to_pixels(images: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """Pages as written: float32 as synthesized (CellProfiler's 0-1 intensities), or uint16 = value x 65535
+    rounded, the scale CellProfiler divides a 16-bit image by when it loads it (half the bytes, within 1/131070)."""
+    if dtype == np.uint16:
+        return (np.clip(images, 0.0, 1.0) * 65535.0 + 0.5).astype(np.uint16)
+    return np.ascontiguousarray(images, np.float32)
+
+
+def _atomic_tiff(path: Path, data, axes: str, shape: tuple | None = None, dtype=np.float32) -> None:
+    """Write an ImageJ TIFF of ``dtype`` pages (``to_pixels``) under a temporary name, then rename it.
 
     With ``shape``, ``data`` yields (start, block) pairs of consecutive blocks along the first axis: tifffile
     writes the header for the final size, then each block goes to its place in the file, so a stack of any length
@@ -236,15 +250,15 @@ def _atomic_tiff(path: Path, data, axes: str, shape: tuple | None = None) -> Non
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         if shape is None:
-            tifffile.imwrite(str(tmp), np.ascontiguousarray(data, np.float32), imagej=True, metadata={"axes": axes})
+            tifffile.imwrite(str(tmp), to_pixels(data, dtype), imagej=True, metadata={"axes": axes})
         else:
-            offset, _ = tifffile.imwrite(str(tmp), shape=shape, dtype=np.float32, imagej=True,
+            offset, _ = tifffile.imwrite(str(tmp), shape=shape, dtype=dtype, imagej=True,
                                          metadata={"axes": axes}, returnoffset=True)
-            item = int(np.prod(shape[1:])) * 4
+            item = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
             with open(tmp, "r+b") as f:
                 for start, block in data:
                     f.seek(offset + start * item)
-                    np.ascontiguousarray(block, np.float32).tofile(f)
+                    to_pixels(block, dtype).tofile(f)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)

@@ -114,6 +114,8 @@ PRECISION_BF16, PRECISION_FP16 = "bfloat16 (faster on recent CPUs)", "float16"
 PRECISIONS = {PRECISION_AUTO: "auto", PRECISION_FP32: "fp32", PRECISION_BF16: "bf16", PRECISION_FP16: "fp16"}
 LAYOUT_STACK = "One TIFF stack per image set"
 LAYOUT_OBJECT = "One TIFF per object"
+BIT_DEPTH_FLOAT, BIT_DEPTH_16 = "32-bit floating point", "16-bit integer"  # SaveImages' names
+BIT_DEPTHS = {BIT_DEPTH_FLOAT: 32, BIT_DEPTH_16: 16}
 CATEGORY = "CP2Image"
 F_STACK_INDEX = "StackIndex"
 F_IMPUTED = "ImputedFeatures"
@@ -141,7 +143,7 @@ def _core():
 class CP2Image(Module):
     module_name = "CP2Image"
     category = "Object Processing"
-    variable_revision_number = 2
+    variable_revision_number = 3
     doi = {  # noqa: RUF012  (CellProfiler reads this class attribute)
         "Please cite the following when using CP2Image:": "https://openreview.net/forum?id=4LqtcKZoKeB",
         "CellProfiler 4:": "https://doi.org/10.1186/s12859-021-04344-9",
@@ -212,8 +214,16 @@ class CP2Image(Module):
             "File layout",
             [LAYOUT_STACK, LAYOUT_OBJECT],
             doc=f"*{LAYOUT_STACK}* (default): ``<prefix>_<objects>_ImageSet<NNNN>.tiff``, one page per object "
-            "in object-number order, each page holding the model's channels (ImageJ hyperstack, "
-            f"float32, 0–1). *{LAYOUT_OBJECT}*: ``<prefix>_<objects>_ImageSet<NNNN>_Object<NNNN>.tiff``.",
+            "in object-number order, each page holding the model's channels (ImageJ hyperstack; pixel type: "
+            f"*Image bit depth*). *{LAYOUT_OBJECT}*: ``<prefix>_<objects>_ImageSet<NNNN>_Object<NNNN>.tiff``.",
+        )
+        self.bit_depth = Choice(
+            "Image bit depth",
+            [BIT_DEPTH_FLOAT, BIT_DEPTH_16],
+            doc=f"*{BIT_DEPTH_FLOAT}* (default): pixels as synthesized, in CellProfiler's 0–1 intensity scale. "
+            f"*{BIT_DEPTH_16}*: each value × 65535, rounded — the scale CellProfiler divides 16-bit images by "
+            "when it loads them (intensity range from the image metadata, NamesAndTypes' default), so the intensities "
+            "come back within 1/131070; half the disk space.",
         )
         self.file_prefix = Text(
             "File name prefix",
@@ -245,15 +255,15 @@ class CP2Image(Module):
         return [
             self.objects_name, self.model_choice, self.model_file, self.device, self.batch_size,
             self.precision, self.directory, self.file_layout, self.file_prefix, self.overwrite, self.wants_field,
-            self.field_name,
+            self.field_name, self.bit_depth,
         ]
 
     def visible_settings(self):
         result = [self.objects_name, self.model_choice]
         if self.model_choice == MODEL_CUSTOM:
             result.append(self.model_file)
-        result += [self.device, self.batch_size, self.precision, self.directory, self.file_layout, self.file_prefix,
-                   self.overwrite, self.wants_field]
+        result += [self.device, self.batch_size, self.precision, self.directory, self.file_layout, self.bit_depth,
+                   self.file_prefix, self.overwrite, self.wants_field]
         if self.wants_field:
             result.append(self.field_name)
         return result
@@ -262,6 +272,9 @@ class CP2Image(Module):
         if variable_revision_number == 1:  # revision 2 added Precision after Batch size
             setting_values = [*setting_values[:5], PRECISION_AUTO, *setting_values[5:]]
             variable_revision_number = 2
+        if variable_revision_number == 2:  # revision 3 added Image bit depth, last
+            setting_values = [*setting_values, BIT_DEPTH_FLOAT]
+            variable_revision_number = 3
         return setting_values, variable_revision_number
 
     # ---- helpers ---------------------------------------------------------------------------
@@ -331,6 +344,7 @@ class CP2Image(Module):
             overwrite=self.overwrite.value,
             want_field=self.wants_field.value,
             keep=GALLERY_SIZE if self.show_window else 0,
+            bit_depth=BIT_DEPTHS[self.bit_depth.value],
         )
         n = result.count
         measurements.add_image_measurement(f"FileName_{self.stack_name()}", result.file_name)

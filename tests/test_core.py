@@ -240,3 +240,11 @@ def test_fast_paper_generator_equals_the_dense_one():
     assert not torch.allclose(dense2, dense, atol=1e-3)
     assert torch.allclose(fast2, dense2, atol=1e-5, rtol=1e-4) and fast2.is_contiguous()
     assert not archs.build("cp2image-paper", 40, 3, 64).exact_doubling  # other sizes use the dense path
+
+
+def test_16_bit_pixels_are_clipped_and_rounded_to_cellprofilers_scale():
+    from cp2image_core.module_support import to_pixels
+
+    values = np.array([-0.1, 0.0, 0.4 / 65535, 0.6 / 65535, 0.5, 1.0, 1.2], np.float32)
+    assert to_pixels(values, np.uint16).tolist() == [0, 0, 0, 1, 32768, 65535, 65535]
+    assert to_pixels(values).dtype == np.float32 and np.array_equal(to_pixels(values), values)

@@ -29,6 +29,8 @@ from cellprofiler_core.preferences import ABSOLUTE_FOLDER_NAME  # noqa: E402
 from cellprofiler_core.setting import ValidationError  # noqa: E402
 from cellprofiler_core.workspace import Workspace  # noqa: E402
 from cp2image import (  # noqa: E402
+    BIT_DEPTH_16,
+    BIT_DEPTH_FLOAT,
     LAYOUT_OBJECT,
     MODEL_CUSTOM,
     MODEL_REALISTIC,
@@ -276,8 +278,10 @@ def test_settings_visibility_and_revision():
     assert module.field_name not in module.visible_settings()
     module.wants_field.value = True
     assert module.field_name in module.visible_settings()
+    assert module.bit_depth in module.visible_settings() and module.bit_depth.value == BIT_DEPTH_FLOAT
     values = [s.value_text for s in module.settings()]
-    assert module.upgrade_settings(values, 2, "CP2Image") == (values, 2)
+    assert module.upgrade_settings(values, 3, "CP2Image") == (values, 3)
+    assert module.upgrade_settings(values[:-1], 2, "CP2Image") == ([*values[:-1], BIT_DEPTH_FLOAT], 3)
 
 
 def test_a_revision_1_pipeline_loads_with_automatic_precision():
@@ -295,9 +299,30 @@ def test_a_revision_1_pipeline_loads_with_automatic_precision():
     pipeline = Pipeline()
     pipeline.loadtxt(io.StringIO(old), raise_on_error=True)
     (module,) = [m for m in pipeline.modules() if m.module_name == "CP2Image"]
-    assert module.precision.value == PRECISION_AUTO
+    assert module.precision.value == PRECISION_AUTO and module.bit_depth.value == BIT_DEPTH_FLOAT
     assert module.batch_size.value == 48 and module.directory.dir_choice == "Default Output Folder"
     assert module.file_prefix.value == "CP2Image"
+
+
+def test_16_bit_stacks_hold_the_float_pixels_times_65535(tiny_model, fly_export, tmp_path):
+    """*16-bit integer* writes uint16 pages equal to the float32 ones x 65535, rounded, in both layouts."""
+    spec = read_spec(tiny_model)
+    raw = real_feature_rows(fly_export, spec, [0, 1, 2])
+    labels, centers = three_objects()
+    pages = {}
+    for depth, layout in ((BIT_DEPTH_FLOAT, None), (BIT_DEPTH_16, None), (BIT_DEPTH_16, LAYOUT_OBJECT)):
+        out = tmp_path / f"{depth.split('-')[0]}{layout is not None}"
+        out.mkdir()
+        extra = {"file_layout": layout} if layout else {}
+        module, ws = make_workspace(tiny_model, out, raw, spec, labels, centers, bit_depth=depth, **extra)
+        module.run(ws)
+        files = sorted(out.glob("*.tiff"))
+        pages[(depth, layout)] = np.stack([tifffile.imread(str(f)) for f in files]).reshape(3, spec.n_channels,
+                                                                                            spec.crop_size, -1)
+    floats, ints = pages[(BIT_DEPTH_FLOAT, None)], pages[(BIT_DEPTH_16, None)]
+    assert floats.dtype == np.float32 and ints.dtype == np.uint16
+    assert np.abs(ints / 65535.0 - floats).max() <= 0.5 / 65535 + 1e-7
+    assert np.array_equal(pages[(BIT_DEPTH_16, LAYOUT_OBJECT)], ints)
 
 
 def test_precision_setting_reaches_the_generator(tiny_model, fly_export, tmp_path):
