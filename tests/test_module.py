@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import re
 import sys
 from pathlib import Path
 
@@ -287,8 +288,8 @@ def test_settings_visibility_and_revision():
 def test_a_revision_1_pipeline_loads_with_automatic_precision():
     """Pipelines saved before the Precision setting (revision 1) load with it at Automatic, the rest unchanged."""
     text = (ROOT / "pipelines" / "ExampleFly_CP2Image.cppipe").read_text()
-    old = text.replace("CP2Image:[module_num:11|svn_version:'Unknown'|variable_revision_number:2",
-                       "CP2Image:[module_num:11|svn_version:'Unknown'|variable_revision_number:1")
+    old = re.sub(r"(CP2Image:\[module_num:11\|svn_version:'Unknown'\|variable_revision_number:)\d+", r"\g<1>1", text)
+    old = re.sub(r"    Image bit depth:.*\n", "", old)  # in case the pipeline was saved at revision 3 or later
     old = old.replace(f"    Precision:{PRECISION_AUTO}\n", "").replace("    Batch size:64", "    Batch size:48")
     assert old.count("variable_revision_number:1|") == 1 and "Precision:" not in old
     from cellprofiler_core.utilities.core.modules import add_module_for_tst, fill_modules, get_module_names
@@ -302,6 +303,11 @@ def test_a_revision_1_pipeline_loads_with_automatic_precision():
     assert module.precision.value == PRECISION_AUTO and module.bit_depth.value == BIT_DEPTH_FLOAT
     assert module.batch_size.value == 48 and module.directory.dir_choice == "Default Output Folder"
     assert module.file_prefix.value == "CP2Image"
+    pipeline = Pipeline()  # the demo pipeline as shipped (revision 2: no Image bit depth yet)
+    pipeline.loadtxt(io.StringIO(text), raise_on_error=True)
+    (module,) = [m for m in pipeline.modules() if m.module_name == "CP2Image"]
+    assert module.bit_depth.value == BIT_DEPTH_FLOAT and module.batch_size.value == 64
+    assert module.wants_field.value and module.field_name.value == "SyntheticField"
 
 
 def test_16_bit_stacks_hold_the_float_pixels_times_65535(tiny_model, fly_export, tmp_path):
@@ -347,6 +353,7 @@ def test_module_loads_without_torch_and_says_what_to_install():
 
     code = f"""
 import io
+import re
 import sys
 sys.modules['torch'] = None  # as if PyTorch were not installed
 sys.path.insert(0, {str(ROOT / 'plugins')!r})
