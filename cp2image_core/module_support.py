@@ -235,7 +235,10 @@ def to_pixels(images: np.ndarray, dtype=np.float32) -> np.ndarray:
     """Pages as written: float32 as synthesized (CellProfiler's 0-1 intensities), or uint16 = value x 65535
     rounded, the scale CellProfiler divides a 16-bit image by when it loads it (half the bytes, within 1/131070)."""
     if dtype == np.uint16:
-        return (np.clip(images, 0.0, 1.0) * 65535.0 + 0.5).astype(np.uint16)
+        scaled = np.clip(images, 0.0, 1.0)
+        scaled *= 65535.0
+        scaled += 0.5
+        return scaled.astype(np.uint16, order="C")  # C order: tofile copies a strided array element by element
     return np.ascontiguousarray(images, np.float32)
 
 
