@@ -199,8 +199,9 @@ def synthesize_and_write(synth: Synthesizer, measurements, objects_name: str, la
     dtype = PIXEL_TYPES[bit_depth]
     if per_object:
         for start, images in batches():
-            for i, img in enumerate(images):
-                _atomic_tiff(out / names[start + i], img, "CYX", dtype=dtype)
+            pages = to_pixels(images, dtype)  # once per batch, not once per object
+            for i, page in enumerate(pages):
+                _atomic_tiff(out / names[start + i], page, "CYX", dtype=dtype)
     elif n:
         _atomic_tiff(out / names[0], batches(), "TCYX", shape=(n, spec.n_channels, spec.crop_size, spec.crop_size),
                      dtype=dtype)
@@ -234,6 +235,8 @@ PIXEL_TYPES = {32: np.float32, 16: np.uint16}  # bit depth -> pixel type of the 
 def to_pixels(images: np.ndarray, dtype=np.float32) -> np.ndarray:
     """Pages as written: float32 as synthesized (CellProfiler's 0-1 intensities), or uint16 = value x 65535
     rounded, the scale CellProfiler divides a 16-bit image by when it loads it (half the bytes, within 1/131070)."""
+    if images.dtype == dtype:  # already pages
+        return np.ascontiguousarray(images)
     if dtype == np.uint16:
         scaled = np.clip(images, 0.0, 1.0)
         scaled *= 65535.0
