@@ -95,7 +95,8 @@ def main() -> None:
     synth = load_synthesizer_uncached(a.model, a.device, a.precision)
     sets = image_sets(Path(a.export_dir), synth.spec, a.objects)
     cells = sum(int(labels.max()) for _, labels in sets)
-    z_all = [standardize(read_feature_matrix(m, synth.spec, int(labels.max())), synth.spec)[0] for m, labels in sets]
+    z_all = [standardize(read_feature_matrix(m, synth.spec, int(labels.max())), synth.spec, clip=False)[0]
+             for m, labels in sets]
     name = torch.cuda.get_device_name() if synth.device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"{Path(a.model).name} on {name}, precision {synth.amp or torch.float32}; {len(sets)} image sets, "
           f"{cells} {a.objects}; synthetic field {'on' if a.field else 'off'}; {a.bit_depth}-bit pages; best of "
@@ -117,7 +118,7 @@ def main() -> None:
 
             def read() -> None:
                 for m, labels in sets:
-                    standardize(read_feature_matrix(m, synth.spec, int(labels.max())), synth.spec)
+                    standardize(read_feature_matrix(m, synth.spec, int(labels.max())), synth.spec, clip=False)
 
             images = [synth.generate(z, bs) for z in z_all]
 

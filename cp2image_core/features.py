@@ -75,14 +75,17 @@ def fit_standardizer(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, std
 
 
-def standardize(raw: np.ndarray, spec: ModelSpec) -> tuple[np.ndarray, np.ndarray]:
+def standardize(raw: np.ndarray, spec: ModelSpec, clip: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Standardized features (float32, imputed, clipped) and per-object count of imputed values.
 
-    ``raw`` is (objects, features) in the spec's feature order; NaN/inf become the training mean.
+    ``raw`` is (objects, features) in the spec's feature order; NaN/inf become the training mean. ``clip=False``
+    leaves them unclipped, for a generator made by ``build_generator``: it clips its network's input itself, and
+    the features it reads as values (``anchor``, ``calibrate``) must keep their measured range.
     """
     raw = np.asarray(raw, dtype=np.float64).reshape(-1, spec.n_features)
     bad = ~np.isfinite(raw)
     z = (raw - np.asarray(spec.feature_mean)) / np.asarray(spec.feature_std)
     z[bad] = 0.0
-    np.clip(z, -spec.clip, spec.clip, out=z)
+    if clip:
+        np.clip(z, -spec.clip, spec.clip, out=z)
     return z.astype(np.float32), bad.sum(axis=1).astype(np.int64)

@@ -180,7 +180,7 @@ def synthesize_and_write(synth: Synthesizer, measurements, objects_name: str, la
     spec = synth.spec
     n = int(labels.max()) if labels.size else 0
     centers = object_centers(measurements, objects_name, n)
-    z, imputed = standardize(read_feature_matrix(measurements, spec, n), spec)
+    z, imputed = standardize(read_feature_matrix(measurements, spec, n), spec, clip=False)
     out = Path(folder)
     names = ([f"{base}_Object{k:04d}.tiff" for k in range(1, n + 1)] if per_object
              else [f"{base}.tiff"] if n else [])

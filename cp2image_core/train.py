@@ -275,7 +275,7 @@ def train(args: argparse.Namespace) -> int:
                   "loss": loss_kind, "steps": args.steps, "batch_size": args.batch_size * world,
                   "seed": args.seed, "command": "python -m cp2image_core.train " + " ".join(sys.argv[1:])},
     )
-    z_all, _ = standardize(ts.features, spec)
+    z_all, _ = standardize(ts.features, spec, clip=False)  # the generator clips its own input
     z_all = torch.from_numpy(z_all)
     x_all = torch.from_numpy(ts.crops)
     if (args.texture_loss or args.intensity_loss or args.level_loss or args.edge_loss or args.shape_loss) \
@@ -470,7 +470,7 @@ def pretrain_encoder(x_all, z_all, train_idx, spec, args, device, rank) -> torch
     for step in tqdm(range(args.encoder_steps), desc="feature encoder", disable=rank != 0,
                      mininterval=0.5 if sys.stderr.isatty() else 30):
         idx = torch.from_numpy(batch_indices(train_idx, 64, args.seed + 7, step, 0))
-        loss = (enc(x_all[idx].to(device)) - z_all[idx].to(device)).pow(2).mean()
+        loss = (enc(x_all[idx].to(device)) - z_all[idx].to(device).clamp(-spec.clip, spec.clip)).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -57,7 +57,7 @@ def main() -> None:
         if missing:
             raise SystemExit(f"{args.evalset} lacks {len(missing)} features {model} needs "
                              f"(e.g. {', '.join(missing[:3])}): make it with the same features pipeline")
-        z, _ = standardize(ts.features[:, [ts.feature_names.index(f) for f in spec.features]], spec)
+        z, _ = standardize(ts.features[:, [ts.feature_names.index(f) for f in spec.features]], spec, clip=False)
         fake = load_synthesizer_uncached(model, "cpu", "fp32").generate(z[val])
         print(f"{model}: as is {acc(fake)}; its cell on random training surroundings "
               f"{acc(fake * window + background * (1 - window))}")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Retrain the shipped default model on CellProfiler's ExampleFly cells (held-out field: image set 1), in two stages:
-# 3,000 steps from scratch, then 2,000 steps with the outline loss at the field's IdentifyPrimaryObjects threshold.
+# 3,000 steps from scratch, then 2,000 steps with the outline loss at the field's IdentifyPrimaryObjects threshold and
+# the object's stated mean and SD intensities matched inside it (calibrate=1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -11,17 +12,19 @@ STEPS=${STEPS:-3000}
 STAGE1=${STAGE1:-runs/models/default-stage1.safetensors}
 VENV="$VENV" WORK="$WORK" bash scripts/examplefly_features.sh
 mkdir -p "$(dirname "$STAGE1")"
-stage() {  # stage OUT STEPS [extra train options]
+PARAMS="n_up=3 subpixel=1 smooth=1 low_res_first=1 icnr=1 anchor=1"
+stage() {  # stage OUT STEPS ARCH_PARAMS [extra train options]
   "$VENV/bin/python" -m cp2image_core.train --export-dir "$WORK/features" --objects Nuclei \
     --feature-objects Nuclei Cells Cytoplasm --channels DNA FITC Rhodamine --crop-size 64 --val-images 1 \
     --arch "$ARCH" --loss l1 --mask-image NucleiLabels --threads 2 \
-    --arch-param n_up=3 subpixel=1 smooth=1 low_res_first=1 icnr=1 anchor=1 --texture-loss 0.05 --intensity-loss 0.05 \
+    --arch-param $3 --texture-loss 0.05 --intensity-loss 0.05 \
     --edge-loss 0.05 --pattern-loss 0.5 --level-loss 0.2 \
-    --out "$1" --steps "$2" --run-dir "runs/$(basename "$1" .safetensors)" "${@:3}"
+    --out "$1" --steps "$2" --run-dir "runs/$(basename "$1" .safetensors)" "${@:4}"
 }
 # Stage 1: learn the cell from its features; the outline loss at each crop's own Otsu threshold.
-stage "$STAGE1" "$STEPS" --val-every 500 --seed 0 --shape-loss 0.05 "$@"
+stage "$STAGE1" "$STEPS" "$PARAMS" --val-every 500 --seed 0 --shape-loss 0.05 "$@"
 # Stage 2: put the nucleus's edge where IdentifyPrimaryObjects' threshold on the cell's field (Image.csv) cuts it,
-# so CellProfiler's own segmentation finds the object the features describe.
-stage "$OUT" 2000 --val-every 1000 --seed 5 --lr 2.5e-4 --shape-loss 0.2 --outline-threshold field \
+# so CellProfiler's own segmentation finds the object the features describe; and draw each channel with the mean and
+# SD the object's intensity features state (the decoder's calibrate=1: the contrast its texture features scale with).
+stage "$OUT" 2000 "$PARAMS calibrate=1" --val-every 1000 --seed 5 --lr 2.5e-4 --shape-loss 0.2 --outline-threshold field \
   --init-from "$STAGE1" "$@"

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cp2image_core import archs
+from cp2image_core.archs.decoder import match_object_intensity
 from cp2image_core.archs.paper import paper_sizes
 from cp2image_core.crops import FieldPainter, crop_objects, paste_into_objects
 from cp2image_core.errors import SpecError
@@ -207,6 +208,99 @@ def test_decoder_anchor_names_the_channel_whose_intensity_features_are_missing()
     spec = _anchor_spec(channels=("DNA",))
     with pytest.raises(SpecError, match=r"channel 'FITC'.*Intensity_MinIntensity_FITC.*Nuclei"):
         build_generator(spec)
+
+
+def _calibrate_spec(channels=("DNA", "FITC"), std=True) -> ModelSpec:
+    feats = [("Nuclei", "AreaShape_Area"), ("Cells", "AreaShape_Area")]
+    for ch in channels:
+        feats += [("Nuclei", f"Intensity_MeanIntensity_{ch}")] + ([("Nuclei", f"Intensity_StdIntensity_{ch}")] if std
+                                                                  else [])
+    return ModelSpec(arch="cp2image-decoder", arch_params={"n_up": 2, "subpixel": 1, "calibrate": 1},
+                     object_name="Nuclei", features=feats, feature_mean=[40.0, 300.0] + [0.2, 0.03] * len(channels),
+                     feature_std=[10.0, 50.0] + [0.05, 0.01] * len(channels), channels=["DNA", "FITC"], crop_size=32)
+
+
+def test_match_object_intensity_sets_the_objects_mean_and_sd_and_leaves_the_surroundings():
+    """The object is the ``area`` brightest pixels of the first channel near the centre (a neighbour's brighter
+    pixels at the border are not it), found on every second pixel of every second row: there each channel gets the
+    stated mean and SD exactly, and over the whole object nearly; far away nothing moves."""
+    torch.manual_seed(0)
+    x = 0.1 + 0.02 * torch.rand(3, 2, 32, 32)
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    blob = ((yy - 15.5) ** 2 + (xx - 15.5) ** 2 <= 36).float()  # 112 pixels, radius 6
+    phase = torch.rand(3, 1, 1) * 6
+    x[:, 0] += 0.3 * blob + 0.03 * torch.sin(yy / 2 + phase) * torch.cos(xx / 3) * blob  # smooth, as drawn cells are
+    x[:, 1] += 0.05 * blob * (1 + torch.cos(xx / 2 + yy / 3 + phase))
+    x[:, 0, :3, :3] = 0.9  # a bright neighbour in the corner
+    mean = torch.tensor([[0.5, 0.2], [0.3, 0.25], [0.6, 0.1]])
+    std = torch.tensor([[0.03, 0.02], [0.01, 0.03], [0.025, 0.01]])  # gains within 0.3-3
+    y = match_object_intensity(x, mean, std, torch.full((3,), blob.sum()))
+    inside = blob.bool()
+    sampled = torch.zeros_like(inside)
+    sampled[::2, ::2] = inside[::2, ::2]
+    for i in range(3):
+        for c in range(2):
+            assert abs(y[i, c][sampled].mean() - mean[i, c]) < 1e-5
+            assert abs(y[i, c][sampled].std(unbiased=False) - std[i, c]) < 1e-5
+            assert abs(y[i, c][inside].mean() - mean[i, c]) < 0.3 * std[i, c]
+            assert abs(y[i, c][inside].std(unbiased=False) / std[i, c] - 1) < 0.2
+    far = torch.ones(32, 32, dtype=torch.bool)
+    far[6:26, 6:26] = False
+    assert torch.equal(y[:, :, far], x[:, :, far])  # the corner neighbour included
+    # a flat object would need a huge gain: it is capped
+    flat = match_object_intensity(torch.full((1, 1, 32, 32), 0.5), torch.tensor([[0.5]]), torch.tensor([[0.1]]),
+                                  torch.tensor([50.0]))
+    assert torch.isfinite(flat).all()
+
+
+def test_decoder_calibrate_reads_the_objects_stated_intensities_unclipped():
+    """calibrate=1 maps the decoder's image by ``match_object_intensity`` with the object's MeanIntensity,
+    StdIntensity and Area features read as values, even beyond the spec's clip (a cell 8 SDs brighter than the mean
+    is drawn that bright), while the MLP sees clipped features as in training."""
+    spec = _calibrate_spec()
+    gen = build_generator(spec).eval()
+    assert gen.calib_index.tolist() == [2, 4, 3, 5, 0]
+    plain = archs.build("cp2image-decoder", spec.n_features, 2, 32, n_up=2, subpixel=1).eval()
+    plain.load_state_dict(gen.state_dict())
+    plain.input_clip = spec.clip
+    mean, std = np.array(spec.feature_mean), np.array(spec.feature_std)
+    raw = mean.copy()
+    raw[[2, 3, 4, 5]] = [0.2 + 8 * 0.05, 0.03, 0.35, 0.05]  # DNA mean 0.6: 8 SDs, beyond the clip of 5
+    z = torch.tensor((raw - mean) / std, dtype=torch.float32)[None]
+    with torch.no_grad():
+        y = gen(z)
+        expected = match_object_intensity(plain(z), torch.tensor([[0.6, 0.35]]), torch.tensor([[0.03, 0.05]]),
+                                          torch.tensor([40.0])).clamp(0, 1)
+        assert torch.allclose(y, expected, atol=1e-6)
+        r = torch.arange(0.0, 32.0, 2) - 15.5  # the object: the 10 brightest DNA samples (even rows and columns)
+        near = (r[:, None] ** 2 + r[None, :] ** 2).sqrt().flatten() <= 1.5 * (40 / np.pi) ** 0.5 + 2
+        top = plain(z)[0, 0, ::2, ::2].flatten().masked_fill(~near, -1).argsort(descending=True)[:10]
+        assert abs(y[0, 0, ::2, ::2].flatten()[top].mean() - 0.6) < 1e-4  # not the clipped 0.45
+        other, same = z.clone(), z.clone()
+        other[0, 1], same[0, 1] = 30.0, 5.0  # Cells area, not read as a value: the MLP's clip makes 30 SDs 5
+        assert torch.equal(gen(other), gen(same))
+
+
+def test_decoder_calibrate_names_the_missing_features():
+    with pytest.raises(SpecError, match=r"calibrate=1 needs Nuclei's Intensity_StdIntensity_DNA, "
+                                        r"Intensity_StdIntensity_FITC"):
+        build_generator(_calibrate_spec(std=False))
+    with pytest.raises(SpecError, match=r"calibrate=3.*1 to 2"):
+        archs.build("cp2image-decoder", 6, 2, 32, calibrate=3)
+
+
+def test_generators_clip_their_own_input():
+    """Callers pass unclipped standardized features (``standardize(..., clip=False)``); both architectures, built
+    from a spec, clip what their networks see to the spec's range."""
+    spec = ModelSpec(arch="cp2image-paper", arch_params={}, object_name="Nuclei", features=[("Nuclei", "A")] * 4,
+                     feature_mean=[0.0] * 4, feature_std=[1.0] * 4, channels=["DNA"], crop_size=48)
+    gen = build_generator(spec).eval()
+    z = torch.tensor([[9.0, -7.0, 1.0, 0.0]])
+    with torch.no_grad():
+        assert torch.equal(gen(z), gen(z.clamp(-5, 5)))
+    raw = np.array([[9.0, -7.0, np.nan, 0.5]])
+    assert np.allclose(standardize(raw, spec, clip=False)[0], [[9.0, -7.0, 0.0, 0.5]])
+    assert np.allclose(standardize(raw, spec)[0], [[5.0, -5.0, 0.0, 0.5]])
 
 
 def test_architecture_parameters_the_crop_does_not_allow_are_named():

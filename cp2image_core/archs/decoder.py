@@ -15,8 +15,15 @@ becomes ``lo + (hi - lo) * u`` per channel, with lo the lowest ``Intensity_MinIn
 objects and hi the crop objects' ``Intensity_MeanIntensity_<channel>`` (``bind_spec`` finds them in the spec). A
 field imaged dimmer or brighter than the training fields then gives a dimmer or brighter cell instead of the
 training fields' level.
+``calibrate=K`` then matches, per channel, the mean and standard deviation of the drawn object to the object's own
+``Intensity_MeanIntensity_<channel>`` and ``Intensity_StdIntensity_<channel>``: the object is taken as the
+``AreaShape_Area`` brightest pixels of channel K (1-based: the channel the objects were found on) within a disk
+around the crop's centre, and each channel is mapped by one gain and offset (``match_object_intensity``). It fixes
+what a pixel loss leaves loose — the contrast inside the object, which CellProfiler's texture features scale with.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -53,10 +60,15 @@ class Decoder(nn.Module):
     def __init__(self, n_features: int, n_channels: int, crop_size: int,
                  width: int = 128, n_up: int = 4, hidden: int = 512, subpixel: int = 0, smooth: int = 0,
                  low_res_first: int = 0, icnr: int = 0, replicate: int = 0, antialias: int = 0,
-                 anchor: int = 0) -> None:
+                 anchor: int = 0, calibrate: int = 0) -> None:
         super().__init__()
         self.anchor = bool(anchor)
-        for name in ("anchor_index", "anchor_mean", "anchor_std"):  # set by bind_spec: (C, K lo + 1 hi) features
+        if not 0 <= calibrate <= n_channels:
+            raise ValueError(f"calibrate={calibrate}: the object's channel, 1 to {n_channels} (0: off)")
+        self.calibrate = calibrate
+        self.input_clip = math.inf  # the spec's clip, set by bind_spec: the MLP sees clipped z, anchors raw values
+        # set by bind_spec: anchors (C, K lo + 1 hi) and the calibration's (2 C + 1) features: means, SDs, area
+        for name in ("anchor_index", "anchor_mean", "anchor_std", "calib_index", "calib_mean", "calib_std"):
             self.register_buffer(name, None, persistent=False)
         if subpixel and crop_size % 2:
             raise ValueError(f"subpixel=1 needs an even crop size, not {crop_size}")
@@ -89,7 +101,7 @@ class Decoder(nn.Module):
                 self.out.bias.copy_(self.out.bias[::4].repeat_interleave(4, 0))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.mlp(z).view(-1, self.width, self.base, self.base)
+        x = self.mlp(z.clamp(-self.input_clip, self.input_clip)).view(-1, self.width, self.base, self.base)
         if self.training or torch.is_grad_enabled():
             x = self.ups(x)
         else:  # inference: the fused GroupNorm + SiLU
@@ -106,8 +118,19 @@ class Decoder(nn.Module):
                          self.blur, groups=x.shape[1])
         if self.smooth is not None:
             x = x + self.smooth(x)
-        if not self.anchor:
-            return torch.sigmoid(x)
+        x = self._anchored(x, z) if self.anchor else torch.sigmoid(x)
+        if not self.calibrate:
+            return x
+        if self.calib_index is None:
+            raise SpecError("cp2image-decoder with calibrate=K needs its spec's features: build it with "
+                            "cp2image_core.synthesize.build_generator(spec)")
+        raw = z.float()[:, self.calib_index] * self.calib_std + self.calib_mean  # (N, 2 C + 1) raw features
+        c = x.shape[1]
+        x = match_object_intensity(x, raw[:, :c], raw[:, c:2 * c], raw[:, -1], self.calibrate - 1,
+                                   inplace=not self.training)
+        return x if self.training else x.clamp_(0.0, 1.0)
+
+    def _anchored(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         if self.anchor_index is None:
             raise SpecError("cp2image-decoder with anchor=1 needs its spec's features: build it with "
                             "cp2image_core.synthesize.build_generator(spec)")
@@ -120,10 +143,26 @@ class Decoder(nn.Module):
         return torch.addcmul(lo, scale, x).clamp_(0.0, 1.0)  # inference: one fused pass, in place
 
     def bind_spec(self, spec) -> None:
-        """Find the anchoring features of each channel in ``spec`` (a no-op without ``anchor=1``)."""
+        """Take the spec's clip for the MLP's input and find the features that ``anchor=1`` and ``calibrate=K``
+        read as values (they see them unclipped: a cell 8 SDs brighter than the training mean is drawn that bright)."""
+        self.input_clip = spec.clip
+        names = {(o, f): i for i, (o, f) in enumerate(spec.features)}
+        dev = self.out.weight.device
+        mean_all = torch.tensor(spec.feature_mean, dtype=torch.float32)
+        std_all = torch.tensor(spec.feature_std, dtype=torch.float32)
+        if self.calibrate:
+            wanted = ([f"Intensity_MeanIntensity_{ch}" for ch in spec.channels]
+                      + [f"Intensity_StdIntensity_{ch}" for ch in spec.channels] + ["AreaShape_Area"])
+            missing = [f for f in wanted if (spec.object_name, f) not in names]
+            if missing:
+                raise SpecError(f"calibrate={self.calibrate} needs {spec.object_name}'s {', '.join(missing)} "
+                                "(MeasureObjectIntensity and MeasureObjectSizeShape on the model's objects); the "
+                                "features lack them: measure them or train without calibrate")
+            index = torch.tensor([names[(spec.object_name, f)] for f in wanted])
+            self.calib_index, self.calib_mean, self.calib_std = index.to(dev), mean_all[index].to(dev), \
+                std_all[index].to(dev)
         if not self.anchor:
             return
-        names = {(o, f): i for i, (o, f) in enumerate(spec.features)}
         objects = list(dict.fromkeys(o for o, _ in spec.features))
         rows = []
         for ch in spec.channels:
@@ -137,7 +176,74 @@ class Decoder(nn.Module):
                     "lack them: measure intensity on that image or train without anchor=1")
             rows.append(lo + [lo[-1]] * (len(objects) - len(lo)) + [hi])
         index = torch.tensor(rows)
-        mean = torch.tensor(spec.feature_mean, dtype=torch.float32)[index]
-        std = torch.tensor(spec.feature_std, dtype=torch.float32)[index]
-        dev = self.out.weight.device
-        self.anchor_index, self.anchor_mean, self.anchor_std = index.to(dev), mean.to(dev), std.to(dev)
+        self.anchor_index, self.anchor_mean, self.anchor_std = index.to(dev), mean_all[index].to(dev), \
+            std_all[index].to(dev)
+
+
+def match_object_intensity(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, area: torch.Tensor,
+                           channel: int = 0, max_gain: float = 4.0, inplace: bool = False) -> torch.Tensor:
+    """``x`` (N, C, S, S) with each channel mapped by one gain and offset so that, inside the object, its mean and
+    standard deviation are ``mean`` and ``std`` (N, C).
+
+    The object is the ``area`` (N,) brightest pixels of ``channel`` within a disk of 1.5 x the equivalent radius
+    + 2 pixels around the centre (the crops are centred on the objects); it is found, and its statistics taken, on
+    the crop's even rows and columns (a quarter of the work; the drawn cells are smooth at that scale). The
+    gain is kept within [1 / ``max_gain``, ``max_gain``]. The mapping fades out from 2 to 6 pixels outside the
+    object, so the surroundings keep their level; only a centred window that holds the disks is touched. Gradients
+    flow through the statistics, not through the choice of pixels. ``inplace`` writes into ``x`` (inference).
+    """
+    n, _, s, _ = x.shape
+    area = area.float().clamp_min(1.0)
+    radius = 1.5 * (area / math.pi).sqrt() + 2
+    half = min(s // 2, int(radius.max().ceil()) + 6)  # the disks + the fade
+    lo, size = (s // 2 - half) // 2 * 2, 2 * half  # the window starts on an even pixel: the crop's even rows and
+    # columns are the samples
+    out = x if inplace else x.clone()
+    window = out[:, :, lo:lo + size, lo:lo + size]
+    sample = window[:, :, ::2, ::2].float().contiguous()  # (N, C, size / 2, size / 2)
+    h = sample.shape[-1]
+    r = torch.arange(lo, lo + size, 2, device=x.device, dtype=torch.float32) - (s - 1) / 2
+    disk = (r[:, None] ** 2 + r[None, :] ** 2).reshape(1, -1) <= (radius * radius)[:, None]
+    k = torch.minimum((area / 4).round().clamp_min(3), disk.sum(1)).long().clamp_min(1)
+    ref = sample[:, channel].detach().reshape(n, -1)
+    region = _top_k_mask(ref, disk.expand_as(ref), k).to(torch.float32).view(n, 1, h, h)
+    count = region.sum((2, 3))  # (N, 1)
+    m = (sample * region).sum((2, 3)) / count
+    centred = sample - m[..., None, None]
+    sd = ((centred * centred * region).sum((2, 3)) / count).clamp_min(1e-10).sqrt()
+    gain = (std.float() / sd.clamp_min(1e-4)).clamp(1 / max_gain, max_gain)
+    offset = mean.float() - gain * m
+    # the object and a rim of one sample (2 pixels) take the mapping, fading out over the next two (3x3 mean x 2)
+    weight = _box_sum((_box_sum(region, 3) > 0.5).to(torch.float32), 3)
+    weight = torch.maximum(weight * (2 / 9), region).clamp_(max=1.0)
+    weight = weight[:, :, :, None, :, None].expand(n, 1, h, 2, h, 2).reshape(n, 1, size, size)  # back to pixels
+    mapped = torch.addcmul(offset[..., None, None], window.float(), gain[..., None, None])
+    if inplace and window.dtype == torch.float32 and not torch.is_grad_enabled():
+        window.lerp_(mapped, weight)
+    else:
+        out[:, :, lo:lo + size, lo:lo + size] = torch.lerp(window.float(), mapped, weight).to(x.dtype)
+    return out
+
+
+def _box_sum(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Sums of ``x`` (N, 1, H, W) over size x size squares (odd size), zero outside: running sums along each axis,
+    a few passes instead of PyTorch's CPU pooling kernels (10x slower on these small maps)."""
+    p = size // 2
+    for dim in (2, 3):
+        run = F.pad(x, (0, 0, p + 1, p) if dim == 2 else (p + 1, p, 0, 0)).cumsum(dim)
+        x = run.narrow(dim, size, x.shape[dim]) - run.narrow(dim, 0, x.shape[dim])
+    return x
+
+
+def _top_k_mask(values: torch.Tensor, mask: torch.Tensor, k: torch.Tensor, bins: int = 1024) -> torch.Tensor:
+    """(N, P) mask of the ``k`` (N,) largest ``values`` (N, P) where ``mask``, to within one histogram bin (1/1024
+    of the row's range; the bin where the count from the top reaches k is taken whole). A sort or ``topk`` of
+    every row costs as much as the decoder's last layers on a CPU."""
+    lo = values.masked_fill(~mask, math.inf).amin(1, keepdim=True)
+    hi = values.masked_fill(~mask, -math.inf).amax(1, keepdim=True)
+    width = ((hi - lo) / bins).clamp_min(1e-12)
+    idx = ((values - lo) / width).clamp(0, bins - 1).long().masked_fill_(~mask, 0)
+    hist = torch.zeros(values.shape[0], bins, device=values.device).scatter_add_(1, idx, mask.float())
+    from_top = hist.flip(1).cumsum(1).flip(1)  # pixels in each bin or above it
+    edge = (from_top >= k[:, None]).sum(1, keepdim=True) - 1  # the highest bin whose count from the top reaches k
+    return (idx >= edge) & mask

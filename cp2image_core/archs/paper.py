@@ -7,6 +7,8 @@ Inference uses eval mode (running statistics), so a cell's image does not depend
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -48,9 +50,15 @@ class PaperGenerator(nn.Module):
         )
 
         self.sizes = (s1, s2, s3)
+        self.input_clip = math.inf  # the spec's clip on the standardized features (bind_spec)
         self.exact_doubling = all(s == 2 * n for s, n in zip(self.sizes, (5, s1 + 4, s2 + 4)))
 
+    def bind_spec(self, spec) -> None:
+        """Clip the standardized features to the spec's range, as in training."""
+        self.input_clip = spec.clip
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        z = z.clamp(-self.input_clip, self.input_clip)
         if not self.training and self.exact_doubling:
             return self.forward_fast(z)
         return self.net(z[:, :, None, None])

@@ -117,7 +117,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     timings = {}
     for path, spec in zip(args.models, specs):
         synth = load_synthesizer_uncached(path, "auto", "fp32")
-        z, _ = standardize(raw_for(spec), spec)
+        z, _ = standardize(raw_for(spec), spec, clip=False)
         t0 = time.time()
         methods[Path(path).stem + f" [{spec.arch}]"] = synth.generate(z[val], batch_size=64)
         timings[Path(path).stem] = time.time() - t0
@@ -349,7 +349,7 @@ def traverse(out: Path, model: str, ts, cell: int, feature: str, steps=(-2, -1, 
                             f"{spec.features[0][1]})")
     j = spec.features.index(key)
     index = {f: i for i, f in enumerate(ts.feature_names)}
-    z, _ = standardize(ts.features[cell:cell + 1, [index[f] for f in spec.features]], spec)
+    z, _ = standardize(ts.features[cell:cell + 1, [index[f] for f in spec.features]], spec, clip=False)
     zs = np.repeat(z, len(steps), 0)
     zs[:, j] = steps
     imgs = synth.generate(zs)
