@@ -222,8 +222,7 @@ def _calibrate_spec(channels=("DNA", "FITC"), std=True) -> ModelSpec:
 
 def test_match_object_intensity_sets_the_objects_mean_and_sd_and_leaves_the_surroundings():
     """The object is the ``area`` brightest pixels of the first channel near the centre (a neighbour's brighter
-    pixels at the border are not it), found on every second pixel of every second row: there each channel gets the
-    stated mean and SD exactly, and over the whole object nearly; far away nothing moves."""
+    pixels at the border are not it); inside it each channel gets the stated mean and SD; far away nothing moves."""
     torch.manual_seed(0)
     x = 0.1 + 0.02 * torch.rand(3, 2, 32, 32)
     yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
@@ -236,16 +235,12 @@ def test_match_object_intensity_sets_the_objects_mean_and_sd_and_leaves_the_surr
     std = torch.tensor([[0.03, 0.02], [0.01, 0.03], [0.025, 0.01]])  # gains within 0.3-3
     y = match_object_intensity(x, mean, std, torch.full((3,), blob.sum()))
     inside = blob.bool()
-    sampled = torch.zeros_like(inside)
-    sampled[::2, ::2] = inside[::2, ::2]
     for i in range(3):
         for c in range(2):
-            assert abs(y[i, c][sampled].mean() - mean[i, c]) < 1e-5
-            assert abs(y[i, c][sampled].std(unbiased=False) - std[i, c]) < 1e-5
-            assert abs(y[i, c][inside].mean() - mean[i, c]) < 0.3 * std[i, c]
-            assert abs(y[i, c][inside].std(unbiased=False) / std[i, c] - 1) < 0.2
+            assert abs(y[i, c][inside].mean() - mean[i, c]) < 1e-5
+            assert abs(y[i, c][inside].std(unbiased=False) - std[i, c]) < 1e-5
     far = torch.ones(32, 32, dtype=torch.bool)
-    far[6:26, 6:26] = False
+    far[3:29, 3:29] = False  # the object (radius 6) and its 5-pixel fade
     assert torch.equal(y[:, :, far], x[:, :, far])  # the corner neighbour included
     # a flat object would need a huge gain: it is capped
     flat = match_object_intensity(torch.full((1, 1, 32, 32), 0.5), torch.tensor([[0.5]]), torch.tensor([[0.1]]),
@@ -272,10 +267,10 @@ def test_decoder_calibrate_reads_the_objects_stated_intensities_unclipped():
         expected = match_object_intensity(plain(z), torch.tensor([[0.6, 0.35]]), torch.tensor([[0.03, 0.05]]),
                                           torch.tensor([40.0])).clamp(0, 1)
         assert torch.allclose(y, expected, atol=1e-6)
-        r = torch.arange(0.0, 32.0, 2) - 15.5  # the object: the 10 brightest DNA samples (even rows and columns)
+        r = torch.arange(32.0) - 15.5
         near = (r[:, None] ** 2 + r[None, :] ** 2).sqrt().flatten() <= 1.5 * (40 / np.pi) ** 0.5 + 2
-        top = plain(z)[0, 0, ::2, ::2].flatten().masked_fill(~near, -1).argsort(descending=True)[:10]
-        assert abs(y[0, 0, ::2, ::2].flatten()[top].mean() - 0.6) < 1e-4  # not the clipped 0.45
+        top = plain(z)[0, 0].flatten().masked_fill(~near, -1).argsort(descending=True)[:40]  # the object: the 40
+        assert abs(y[0, 0].flatten()[top].mean() - 0.6) < 2e-3  # brightest DNA pixels near the centre; not 0.45
         other, same = z.clone(), z.clone()
         other[0, 1], same[0, 1] = 30.0, 5.0  # Cells area, not read as a value: the MLP's clip makes 30 SDs 5
         assert torch.equal(gen(other), gen(same))

@@ -304,10 +304,12 @@ def test_decoder_trains_with_texture_losses_and_arch_params(fly_export, tmp_path
     capsys.readouterr()
     assert train_main([*args, "--out", str(tmp_path / "other.safetensors")]) == 2
     assert "differ from this training run's" in capsys.readouterr().err
-    # intensity anchoring, the edge and pattern losses; the module's loader binds the anchors from the file's spec
+    # intensity anchoring and calibration (gradients through both), the edge and pattern losses; the module's
+    # loader binds the anchors and the calibration's features from the file's spec
     anchored = tmp_path / "anchored.safetensors"
     assert train_main([*common, "--mask-image", "NucleiLabels", "--edge-loss", "0.1", "--pattern-loss", "0.5",
-                       "--level-loss", "0.2", "--arch-param", "width=32", "hidden=64", "anchor=1", "--steps", "2",
+                       "--level-loss", "0.2", "--arch-param", "width=32", "hidden=64", "anchor=1", "calibrate=1",
+                       "--steps", "2",
                        "--out", str(anchored)]) == 0
     last = json.loads((Path(f"{anchored}.run") / "history.json").read_text())[-1]
     assert {"train_edge", "train_pattern", "train_level"} <= set(last)

@@ -186,42 +186,39 @@ def match_object_intensity(x: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
     standard deviation are ``mean`` and ``std`` (N, C).
 
     The object is the ``area`` (N,) brightest pixels of ``channel`` within a disk of 1.5 x the equivalent radius
-    + 2 pixels around the centre (the crops are centred on the objects); it is found, and its statistics taken, on
-    the crop's even rows and columns (a quarter of the work; the drawn cells are smooth at that scale). The
-    gain is kept within [1 / ``max_gain``, ``max_gain``]. The mapping fades out from 2 to 6 pixels outside the
-    object, so the surroundings keep their level; only a centred window that holds the disks is touched. Gradients
-    flow through the statistics, not through the choice of pixels. ``inplace`` writes into ``x`` (inference).
+    + 2 pixels around the centre (the crops are centred on the objects). The gain is kept within
+    [1 / ``max_gain``, ``max_gain``]. The mapping fades out from 2 to 5 pixels outside the object, so the
+    surroundings keep their level; only a centred window that holds the disks and that fade is touched. Gradients
+    flow through the statistics, not through the choice of pixels. ``inplace`` writes into ``x`` (inference only).
     """
     n, _, s, _ = x.shape
     area = area.float().clamp_min(1.0)
     radius = 1.5 * (area / math.pi).sqrt() + 2
-    half = min(s // 2, int(radius.max().ceil()) + 6)  # the disks + the fade
-    lo, size = (s // 2 - half) // 2 * 2, 2 * half  # the window starts on an even pixel: the crop's even rows and
-    # columns are the samples
-    out = x if inplace else x.clone()
-    window = out[:, :, lo:lo + size, lo:lo + size]
-    sample = window[:, :, ::2, ::2].float().contiguous()  # (N, C, size / 2, size / 2)
-    h = sample.shape[-1]
-    r = torch.arange(lo, lo + size, 2, device=x.device, dtype=torch.float32) - (s - 1) / 2
+    # the disks + the fade; the whole crop on a GPU, where reading the largest radius would stall the pipeline
+    half = s // 2 if x.device.type != "cpu" else min(s // 2, int(radius.max().ceil()) + 6)
+    lo, size = s // 2 - half, 2 * half
+    window = x[:, :, lo:lo + size, lo:lo + size]
+    xw = window.float().contiguous()
+    ref = xw[:, channel].detach().reshape(n, -1)
+    r = torch.arange(lo, lo + size, device=x.device, dtype=torch.float32) - (s - 1) / 2
     disk = (r[:, None] ** 2 + r[None, :] ** 2).reshape(1, -1) <= (radius * radius)[:, None]
-    k = torch.minimum((area / 4).round().clamp_min(3), disk.sum(1)).long().clamp_min(1)
-    ref = sample[:, channel].detach().reshape(n, -1)
-    region = _top_k_mask(ref, disk.expand_as(ref), k).to(torch.float32).view(n, 1, h, h)
+    k = torch.minimum(area.round().clamp_min(5), disk.sum(1)).long().clamp_min(1)
+    region = _top_k_mask(ref, disk.expand_as(ref), k).to(torch.float32).view(n, 1, size, size)
     count = region.sum((2, 3))  # (N, 1)
-    m = (sample * region).sum((2, 3)) / count
-    centred = sample - m[..., None, None]
+    m = (xw * region).sum((2, 3)) / count
+    centred = xw - m[..., None, None]
     sd = ((centred * centred * region).sum((2, 3)) / count).clamp_min(1e-10).sqrt()
     gain = (std.float() / sd.clamp_min(1e-4)).clamp(1 / max_gain, max_gain)
     offset = mean.float() - gain * m
-    # the object and a rim of one sample (2 pixels) take the mapping, fading out over the next two (3x3 mean x 2)
-    weight = _box_sum((_box_sum(region, 3) > 0.5).to(torch.float32), 3)
-    weight = torch.maximum(weight * (2 / 9), region).clamp_(max=1.0)
-    weight = weight[:, :, :, None, :, None].expand(n, 1, h, 2, h, 2).reshape(n, 1, size, size)  # back to pixels
-    mapped = torch.addcmul(offset[..., None, None], window.float(), gain[..., None, None])
-    if inplace and window.dtype == torch.float32 and not torch.is_grad_enabled():
-        window.lerp_(mapped, weight)
-    else:
-        out[:, :, lo:lo + size, lo:lo + size] = torch.lerp(window.float(), mapped, weight).to(x.dtype)
+    mapped = torch.addcmul(offset[..., None, None], xw, gain[..., None, None])
+    # the object and a 2-pixel rim take the mapping, fading out over 3 more pixels (5 x 5 dilation, 7 x 7 mean)
+    weight = _box_sum((_box_sum(region, 5) > 0.5).to(torch.float32), 7)
+    weight = torch.maximum(weight * (2 / 49), region).clamp_(max=1.0)
+    if inplace and not torch.is_grad_enabled():
+        window.copy_(xw.lerp_(mapped, weight))
+        return x
+    out = x.clone()
+    out[:, :, lo:lo + size, lo:lo + size] = torch.lerp(xw, mapped, weight).to(x.dtype)
     return out
 
 
