@@ -147,9 +147,10 @@ def test_shipped_models_keep_their_feature_preservation_and_realism(fly_export, 
     """Regression guard: both shipped models on the held-out field 01_POS002 (image set 1), re-measured by
     CellProfiler, shape on the objects the features pipeline's own IdentifyPrimaryObjects finds (the evaluate
     command's default); here nearest neighbour draws from one training field, not two. Floors sit a little under
-    the figures of the full report (2026-11-29, fourth update, measured again after the radius fix; default:
-    AreaShape 0.96, Intensity 0.94, Texture 0.91, all 0.92, SSIM 0.667 vs nearest neighbour's 0.553, C2ST on the
-    cell window 0.49, every object found — the version before: AreaShape 0.92, 29 crops without an object;
+    the figures of the full report (default, 2026-11-30, fifth update — each channel's mean and SD inside the
+    object matched to its features: AreaShape 0.96, Intensity 0.95, Texture 0.96, all 0.96, SSIM 0.656 vs nearest
+    neighbour's 0.553, C2ST on the cell window 0.52, every object found — the version before: Texture 0.91, all
+    0.92; the one before that: AreaShape 0.92, 29 crops without an object;
     realistic: AreaShape 0.95, Intensity 0.93, Texture 0.90, all 0.91, C2ST on the whole crop 0.81 vs the
     default's 0.90, on the cell window 0.48)."""
     from conftest import SHIPPED
@@ -164,10 +165,10 @@ def test_shipped_models_keep_their_feature_preservation_and_realism(fly_export, 
     model = next(v for k, v in res.items() if k.startswith("cp2image-default"))
     real = next(v for k, v in res.items() if k.startswith("cp2image-realistic"))
     assert model["features"]["AreaShape"]["median_r"] >= 0.92
-    assert model["features"]["Intensity"]["median_r"] >= 0.92
-    assert model["features"]["Texture"]["median_r"] >= 0.89
-    assert model["features"]["all"]["median_r"] >= 0.90
-    assert model["no_object_found"] <= 3 and real["no_object_found"] <= 10
+    assert model["features"]["Intensity"]["median_r"] >= 0.93
+    assert model["features"]["Texture"]["median_r"] >= 0.94
+    assert model["features"]["all"]["median_r"] >= 0.94
+    assert model["no_object_found"] <= 8 and real["no_object_found"] <= 10  # real crops: 9
     assert model["pixels"]["ssim"] > res["nearest neighbour"]["pixels"]["ssim"]
     for family in ("AreaShape", "Intensity", "Texture"):
         assert model["features"][family]["median_r"] > res["nearest neighbour"]["features"][family]["median_r"]
