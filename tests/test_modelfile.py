@@ -165,7 +165,9 @@ def test_shipped_models_were_made_by_their_training_scripts_recipe(model, script
     root = Path(__file__).resolve().parent.parent
     text = (root / "scripts" / script).read_text().replace("\\\n", " ")
     spec = read_spec(root / "weights" / f"{model}.safetensors")
-    params = re.search(r"--arch-param ((?:\w+=\d+ ?)+)", text).group(1).split()
+    shared = re.search(r'PARAMS="([^"]+)"', text)  # train_default.sh: PARAMS, and what its last stage adds
+    params = (shared.group(1).split() + re.findall(r'"\$PARAMS ?((?:\w+=\d+ ?)*)"', text)[-1].split() if shared
+              else re.search(r"--arch-param ((?:\w+=\d+ ?)+)", text).group(1).split())
     assert dict(p.split("=") for p in params) == {k: str(v) for k, v in spec.arch_params.items()}
     command = shlex.split(spec.training["command"])
     for option in ("--loss", "--texture-loss", "--intensity-loss", "--shape-loss", "--edge-loss", "--pattern-loss",
