@@ -60,7 +60,12 @@ def test_an_overflowing_fp16_batch_is_found_on_the_gpu_and_recomputed_in_fp32(ca
 @pytest.mark.parametrize("precision,max_err,mean_err", [("fp32", 0.01, 0.001), ("auto", 0.02, 0.003),
                                                         ("bf16", 0.05, 0.005)])
 def test_gpu_images_match_the_cpu_fp32_ones(model, precision, max_err, mean_err):
-    """fp32 on the GPU (TF32 convolutions), fp16 (*Automatic*) and bf16 against the CPU's fp32 images."""
+    """fp32 on the GPU (TF32 convolutions), fp16 (*Automatic*) and bf16 against the CPU's fp32 images. The default's
+    calibration (since 2026-11-30) takes its object by a threshold that a rounding can move by an edge pixel: on
+    these random feature vectors, on the CPU, fp16 / bf16 against fp32 reach max 0.03 / 0.10 (mean 0.00004 /
+    0.0002), so its max bound is 5x wider; not yet run on a GPU (none was lent to that session)."""
+    if model == SHIPPED:
+        max_err *= 5
     cpu = load_synthesizer_uncached(model, "cpu", "fp32")
     z = _features(cpu.spec, 256, seed=1)
     want = cpu.generate(z, 64)
@@ -100,5 +105,6 @@ def test_pipelined_stack_on_the_gpu_is_the_cpu_stack(tmp_path):
                                    want_field=True)
         stacks[device], fields[device] = tifffile.imread(tmp_path / device / out.file_name), out.field
     assert stacks["cuda"].shape == (150, 3, 64, 64)
-    assert np.abs(stacks["cuda"] - stacks["cpu"]).max() < 0.01
-    assert np.abs(fields["cuda"] - fields["cpu"]).max() < 0.01
+    # TF32 convolutions can move the calibration's threshold by an edge pixel (see above): a wider max, a tight mean
+    assert np.abs(stacks["cuda"] - stacks["cpu"]).max() < 0.05 and np.abs(stacks["cuda"] - stacks["cpu"]).mean() < 1e-3
+    assert np.abs(fields["cuda"] - fields["cpu"]).max() < 0.05

@@ -108,14 +108,25 @@ def test_ten_thousand_objects_stream_in_bounded_memory(tiny_model, tmp_path):
     assert np.all(result.field[labels == 0] == 0)
 
 
-@pytest.mark.parametrize("precision, max_err, mean_err", [("bf16", 0.02, 0.002), ("fp16", 0.003, 0.0003)])
-def test_reduced_precision_stays_close_to_fp32(precision, max_err, mean_err):
-    """Both shipped models under autocast (run here on the CPU; on CUDA the same dtypes are used) against fp32."""
-    from conftest import SHIPPED
+@pytest.mark.parametrize("precision, max_err, mean_err", [("bf16", 0.03, 0.001), ("fp16", 0.01, 0.0002)])
+def test_reduced_precision_stays_close_to_fp32(fly_export, precision, max_err, mean_err):
+    """Both shipped models under autocast (run here on the CPU; on CUDA the same dtypes are used) against fp32, on
+    200 real ExampleFly nuclei's features. The default's calibration takes its object by a threshold, which a
+    rounding can move by an edge pixel: max error 0.017 (bf16) / 0.006 (fp16) on these cells, mean 0.0002 /
+    0.00002 (without calibration: max 0.005 / 0.0006). On random feature vectors, which are no cell's, the max
+    reaches 0.10 / 0.03 while the mean stays as small."""
+    from conftest import CHANNELS, SHIPPED
 
-    z = np.random.default_rng(0).standard_normal((32, read_spec(SHIPPED).n_features)).astype(np.float32)
+    from cp2image_core.dataset import build_training_set
+    from cp2image_core.features import standardize
+
+    ts = build_training_set(fly_export, "Nuclei", ["Nuclei", "Cells", "Cytoplasm"], CHANNELS, 64, val_images=[1],
+                            mask_image="NucleiLabels")
     for model in (SHIPPED, SHIPPED.with_name("cp2image-realistic.safetensors")):
-        ref = load_synthesizer_uncached(model, "cpu", "fp32").generate(z, 32)
+        ref_synth = load_synthesizer_uncached(model, "cpu", "fp32")
+        index = {f: j for j, f in enumerate(ts.feature_names)}
+        z, _ = standardize(ts.features[:200, [index[f] for f in ref_synth.spec.features]], ref_synth.spec, clip=False)
+        ref = ref_synth.generate(z, 32)
         out = load_synthesizer_uncached(model, "cpu", precision).generate(z, 32)
         err = np.abs(out - ref)
         assert 0 < err.max() < max_err and err.mean() < mean_err, (model.name, err.max(), err.mean())
