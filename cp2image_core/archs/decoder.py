@@ -126,9 +126,9 @@ class Decoder(nn.Module):
                             "cp2image_core.synthesize.build_generator(spec)")
         raw = z.float()[:, self.calib_index] * self.calib_std + self.calib_mean  # (N, 2 C + 1) raw features
         c = x.shape[1]
-        x = match_object_intensity(x, raw[:, :c], raw[:, c:2 * c], raw[:, -1], self.calibrate - 1,
-                                   inplace=not self.training)
-        return x if self.training else x.clamp_(0.0, 1.0)
+        # at inference the output outside the window is already 0..1 (anchored and clamped, or a sigmoid)
+        return match_object_intensity(x, raw[:, :c], raw[:, c:2 * c], raw[:, -1], self.calibrate - 1,
+                                      inplace=not self.training, clip=not self.training)
 
     def _anchored(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         if self.anchor_index is None:
@@ -181,7 +181,8 @@ class Decoder(nn.Module):
 
 
 def match_object_intensity(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, area: torch.Tensor,
-                           channel: int = 0, max_gain: float = 4.0, inplace: bool = False) -> torch.Tensor:
+                           channel: int = 0, max_gain: float = 4.0, inplace: bool = False,
+                           clip: bool = False) -> torch.Tensor:
     """``x`` (N, C, S, S) with each channel mapped by one gain and offset so that, inside the object, its mean and
     standard deviation are ``mean`` and ``std`` (N, C).
 
@@ -189,7 +190,9 @@ def match_object_intensity(x: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
     + 2 pixels around the centre (the crops are centred on the objects). The gain is kept within
     [1 / ``max_gain``, ``max_gain``]. The mapping fades out from 2 to 5 pixels outside the object, so the
     surroundings keep their level; only a centred window that holds the disks and that fade is touched. Gradients
-    flow through the statistics, not through the choice of pixels. ``inplace`` writes into ``x`` (inference only).
+    flow through the statistics, not through the choice of pixels. ``inplace`` writes into ``x`` (inference only);
+    ``clip`` clamps the mapped window to 0..1 (for an ``x`` already in 0..1 elsewhere: one pass over the window,
+    not a second one over every crop).
     """
     n, _, s, _ = x.shape
     area = area.float().clamp_min(1.0)
@@ -215,10 +218,12 @@ def match_object_intensity(x: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
     weight = _box_sum((_box_sum(region, 5) > 0.5).to(torch.float32), 7)
     weight = torch.maximum(weight * (2 / 49), region).clamp_(max=1.0)
     if inplace and not torch.is_grad_enabled():
-        window.copy_(xw.lerp_(mapped, weight))
+        new = xw.lerp_(mapped, weight)
+        window.copy_(new.clamp_(0.0, 1.0) if clip else new)
         return x
+    new = torch.lerp(xw, mapped, weight)
     out = x.clone()
-    out[:, :, lo:lo + size, lo:lo + size] = torch.lerp(xw, mapped, weight).to(x.dtype)
+    out[:, :, lo:lo + size, lo:lo + size] = (new.clamp(0.0, 1.0) if clip else new).to(x.dtype)
     return out
 
 
