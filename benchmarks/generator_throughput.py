@@ -1,7 +1,7 @@
 """Raw generator throughput vs batch size, FLOPs per cell and the roofline of this machine.
 
     .venv/bin/python benchmarks/generator_throughput.py [--models ...] [--batches 1 16 64 256]
-        [--precision auto fp32 bf16 fp16] [--device auto|cpu|cuda]
+        [--precision auto fp32 bf16 fp16] [--device auto|cpu|cuda] [--match-shape]
 
 Prints, for each architecture at its model's crop size: dense FLOPs per cell (PyTorch's FLOP
 counter), cells/s per batch size, and the fraction of the roofline = (this run's fp32 matmul
@@ -98,6 +98,8 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", nargs="+", default=["auto"], choices=PRECISIONS,
                    help="arithmetic of the shipped models' runs (auto: fp16 on CUDA, fp32 on the CPU)")
+    p.add_argument("--match-shape", action="store_true",
+                   help="also time each cp2image-decoder model with the module's 'Match each object's stated shape'")
     p.add_argument("--speed-only", nargs="*", default=["cp2image-paper@68"],
                    help="ARCH@CROP generators timed with fresh weights (speed does not depend on weights), "
                         "with the default model's feature count and 3 channels; the paper generator is timed "
@@ -113,13 +115,17 @@ def main() -> None:
     else:
         print(f"device {device}, {torch.get_num_threads()} threads; fp32 2048^2 matmul: {rate / 1e9:.0f} GFLOP/s")
     best: dict[str, float] = {}  # best cells/s over batch sizes, per model and per speed-only path
-    for m, precision in ((m, x) for m in a.models for x in a.precision):
+    runs = [(m, x, False) for m in a.models for x in a.precision]
+    if a.match_shape:
+        runs += [(m, x, True) for m, x, _ in runs if read_spec(m).arch == "cp2image-decoder"]
+    for m, precision, match in runs:
         spec = read_spec(m)
-        synth = load_synthesizer_uncached(m, a.device, precision)
+        synth = load_synthesizer_uncached(m, a.device, precision, match_shape=match)
         gen = build_generator(spec).eval()
         f = flops_per_cell(gen, spec.n_features)
         roof = rate / f
-        name = Path(m).name + (f" {precision} ({synth.amp or torch.float32})" if len(a.precision) > 1 else "")
+        name = Path(m).name + (f" {precision} ({synth.amp or torch.float32})" if len(a.precision) > 1 else "") + (
+            " + shape match" if match else "")
         print(f"\n{name} [{spec.arch}] {spec.n_channels}x{spec.crop_size}x{spec.crop_size}: "
               f"{f / 1e6:.0f} MFLOP/cell (dense) -> roofline {roof:.0f} cells/s (fp32)")
         print("batch  cells/s  % of roofline")

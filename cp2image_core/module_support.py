@@ -20,7 +20,7 @@ from .errors import CP2ImageError
 from .features import producer_of, standardize
 from .modelfile import read_spec
 from .spec import ModelSpec
-from .synthesize import Synthesizer, load_synthesizer
+from .synthesize import Synthesizer, load_synthesizer, with_shape_matching
 from .viz import to_rgb
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "share_cpu_with_other_workers",
     "synthesize_and_write",
     "to_rgb",
+    "with_shape_matching",
 ]
 
 DEFAULT_MODEL = "cp2image-default.safetensors"

@@ -1,6 +1,7 @@
 """Batched, device-agnostic inference shared by the CellProfiler module and the command-line tools."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -44,6 +45,25 @@ def build_generator(spec: ModelSpec) -> torch.nn.Module:
     if hasattr(gen, "bind_spec"):
         gen.bind_spec(spec)
     return gen
+
+
+def with_shape_matching(spec: ModelSpec) -> ModelSpec:
+    """The spec with the decoder's ``warp`` on: each drawn object rotated and stretched to the ellipse its
+    AreaShape features state (``archs.decoder.match_object_shape``), its object found on the calibration's channel
+    (else the first). Same weights; a clear error for a model that cannot do it."""
+    from .archs.decoder import WARP_FEATURES
+
+    if spec.arch != "cp2image-decoder":
+        raise SpecError(f"Matching each object's stated shape needs a cp2image-decoder model; this model is "
+                        f"{spec.arch}: choose another model or turn shape matching off")
+    have = set(spec.features)
+    missing = [f for f in WARP_FEATURES if (spec.object_name, f) not in have]
+    if missing:
+        raise SpecError(f"Matching each object's stated shape needs the model's {spec.object_name} features "
+                        f"{', '.join(missing)} (MeasureObjectSizeShape), which it was not trained on: turn shape "
+                        "matching off or train with them")
+    channel = spec.arch_params.get("warp") or spec.arch_params.get("calibrate") or 1
+    return dataclasses.replace(spec, arch_params={**spec.arch_params, "warp": int(channel)})
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -148,8 +168,15 @@ class Synthesizer:
         return out
 
 
-def load_synthesizer_uncached(path: str | os.PathLike, device: str = "auto", precision: str = "auto") -> Synthesizer:
+def load_synthesizer_uncached(path: str | os.PathLike, device: str = "auto", precision: str = "auto",
+                              match_shape: bool = False) -> Synthesizer:
+    """The model at ``path`` ready to synthesize; ``match_shape`` turns on ``with_shape_matching``."""
     spec, tensors = load_model(path)
+    if match_shape:
+        try:
+            spec = with_shape_matching(spec)
+        except SpecError as e:
+            raise SpecError(f"Model file {path}: {e}") from None
     gen = build_generator(spec)
     try:
         gen.load_state_dict(tensors, strict=True)
@@ -166,16 +193,17 @@ _CACHE: dict[tuple, Synthesizer] = {}
 _LOCK = threading.Lock()
 
 
-def load_synthesizer(path: str | os.PathLike, device: str = "auto", precision: str = "auto") -> Synthesizer:
+def load_synthesizer(path: str | os.PathLike, device: str = "auto", precision: str = "auto",
+                      match_shape: bool = False) -> Synthesizer:
     """The model at ``path``, loaded once per process (CellProfiler workers each keep their own)."""
     p = Path(path).resolve()
     try:
         st = p.stat()
     except OSError:
         raise ModelFileError(f"Model file not found: {path}") from None
-    key = (str(p), st.st_mtime_ns, st.st_size, device, precision)
+    key = (str(p), st.st_mtime_ns, st.st_size, device, precision, match_shape)
     with _LOCK:
         if key not in _CACHE:
             _CACHE.clear()  # one model per process: free the previous one
-            _CACHE[key] = load_synthesizer_uncached(p, device, precision)
+            _CACHE[key] = load_synthesizer_uncached(p, device, precision, match_shape)
         return _CACHE[key]

@@ -34,7 +34,8 @@ step env 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --f
   $PY -c 'import torch, numpy; print(torch.__version__, numpy.__version__, torch.cuda.get_device_name())'"
 step tests 150 "$PY" -m pytest tests/test_cuda.py -q -rA -s -p no:cacheprovider
 step generator 150 "$PY" benchmarks/generator_throughput.py --device cuda --batches 64 256 1024 4096 \
-  --models weights/cp2image-default.safetensors weights/cp2image-realistic.safetensors --precision fp32 bf16 fp16
+  --models weights/cp2image-default.safetensors weights/cp2image-realistic.safetensors --precision fp32 bf16 fp16 \
+  --match-shape
 step synthesis 60 "$PY" benchmarks/synthesis_path.py --device cuda --batch-size 64 256 1024
 step synthesis-field 40 "$PY" benchmarks/synthesis_path.py --device cuda --batch-size 64 --field
 step training-throughput 120 "$PY" benchmarks/training_throughput.py --device cuda --steps 100

@@ -1,12 +1,14 @@
 """Crops, features and architectures on inputs whose answer is known."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from cp2image_core import archs
-from cp2image_core.archs.decoder import match_object_intensity
+from cp2image_core.archs.decoder import match_object_intensity, match_object_shape
 from cp2image_core.archs.paper import paper_sizes
 from cp2image_core.crops import FieldPainter, crop_objects, paste_into_objects
 from cp2image_core.errors import SpecError
@@ -282,6 +284,90 @@ def test_decoder_calibrate_names_the_missing_features():
         build_generator(_calibrate_spec(std=False))
     with pytest.raises(SpecError, match=r"calibrate=3.*1 to 2"):
         archs.build("cp2image-decoder", 6, 2, 32, calibrate=3)
+
+
+def _ellipse(size: int, a: float, b: float, degrees: float) -> torch.Tensor:
+    """A filled ellipse (semi-axes a along ``degrees`` from the rows axis, b across) centred in a size x size crop."""
+    r = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    th = np.radians(degrees)
+    along = r[:, None] * np.cos(th) + r[None, :] * np.sin(th)
+    across = -r[:, None] * np.sin(th) + r[None, :] * np.cos(th)
+    return ((along / a) ** 2 + (across / b) ** 2 <= 1).float()
+
+
+def _regionprops(mask) -> tuple[float, float, float, float]:
+    """Area, major and minor axis lengths and orientation (degrees) of the mask's component at the crop's centre, as
+    MeasureObjectSizeShape computes them."""
+    from skimage.measure import label, regionprops
+
+    labels = label(np.asarray(mask, dtype=np.uint8))
+    p = regionprops((labels == labels[labels.shape[0] // 2, labels.shape[1] // 2]).astype(np.uint8))[0]
+    return p.area, p.major_axis_length, p.minor_axis_length, np.degrees(p.orientation)
+
+
+def test_match_object_shape_gives_the_drawn_object_the_stated_ellipse():
+    """A drawn ellipse is rotated and stretched onto the stated axes and orientation (re-measured by skimage's
+    regionprops, which MeasureObjectSizeShape uses); stated = drawn leaves the crop as it is; far away nothing moves."""
+    torch.manual_seed(0)
+    drawn = _ellipse(64, 10, 7, 20)
+    x = (0.1 + 0.7 * drawn + 0.01 * torch.rand(2, 64, 64))[:, None].float()  # two crops, one channel
+    x[:, :, :2, :2] = 0.9  # a bright corner: not the object, and too far to move
+    area, major, minor, orientation = _regionprops(_ellipse(64, 12, 6, -40))
+    own = _regionprops(drawn)
+    y = match_object_shape(x, torch.tensor([major, own[1]]), torch.tensor([minor, own[2]]),
+                           torch.tensor([orientation, own[3]]), torch.full((2,), float(drawn.sum())))
+    got = _regionprops(y[0, 0] > 0.45)
+    assert abs(got[0] - area) <= 0.05 * area
+    assert abs(got[1] - major) < 0.5 and abs(got[2] - minor) < 0.5 and abs(got[3] - orientation) < 1.5, got
+    assert (y[1] - x[1]).abs().max() < 1e-4  # already the stated ellipse
+    assert torch.allclose(y[:, :, :2, :2], x[:, :, :2, :2], atol=1e-5)
+    # the stretch is capped: a stated major axis 3x the drawn one gives 1.4x
+    long = match_object_shape(x[:1], torch.tensor([3 * own[1]]), torch.tensor([own[2]]), torch.tensor([own[3]]),
+                              torch.tensor([float(drawn.sum())]))
+    assert abs(_regionprops(long[0, 0] > 0.45)[1] / own[1] - 1.4) < 0.05
+
+
+def test_match_object_shape_reads_measureobjectsizeshape_features(fly_export):
+    """On real ExampleFly nuclei, CellProfiler's own AreaShape features drive the warp in its conventions: a
+    nucleus's mask warped with its own features stays put, and warped with another nucleus's features takes that
+    nucleus's orientation and axes (where the stretch stays within the cap)."""
+    from conftest import CHANNELS
+
+    from cp2image_core.dataset import build_training_set
+
+    ts = build_training_set(fly_export, "Nuclei", ["Nuclei"], CHANNELS, 64, val_images=[1], mask_image="NucleiLabels")
+    index = {f: j for j, f in enumerate(ts.feature_names)}
+    feats = {f: torch.tensor(ts.features[:, index[("Nuclei", f"AreaShape_{f}")]], dtype=torch.float32)
+             for f in ("MajorAxisLength", "MinorAxisLength", "Orientation", "Area")}
+    elongated = np.flatnonzero((feats["MajorAxisLength"] > 1.3 * feats["MinorAxisLength"]).numpy()
+                               & (ts.masks[:, 1:-1, 1:-1].sum((1, 2)) == ts.masks.sum((1, 2))))[:40]
+    masks = torch.tensor(ts.masks[elongated], dtype=torch.float32)[:, None]
+    own = match_object_shape(masks, *(feats[f][elongated] for f in feats))
+    assert (own - masks).abs().mean() < 0.01
+    other = np.roll(elongated, 1)  # each mask given its neighbour's features
+    warped = match_object_shape(masks, *(feats[f][other] for f in ("MajorAxisLength", "MinorAxisLength",
+                                                                   "Orientation")), feats["Area"][elongated])
+    angle_err, checked = [], 0
+    for i, j in zip(range(len(elongated)), other):
+        ratio = feats["MajorAxisLength"][j] / feats["MajorAxisLength"][elongated[i]]
+        ratio2 = feats["MinorAxisLength"][j] / feats["MinorAxisLength"][elongated[i]]
+        if not (0.8 < ratio < 1.25 and 0.8 < ratio2 < 1.25):
+            continue  # a stretch near or beyond the cap
+        _, major, minor, orientation = _regionprops(warped[i, 0] > 0.5)
+        assert abs(major - feats["MajorAxisLength"][j]) < 1.5 and abs(minor - feats["MinorAxisLength"][j]) < 1.5
+        angle_err.append(abs((orientation - feats["Orientation"][j].item() + 90) % 180 - 90))
+        checked += 1
+    assert checked >= 10 and np.median(angle_err) < 3, (checked, angle_err)
+
+
+def test_decoder_warp_names_the_missing_features():
+    spec = _calibrate_spec()
+    spec = dataclasses.replace(spec, arch_params={"n_up": 2, "subpixel": 1, "warp": 1})
+    with pytest.raises(SpecError, match=r"warp=1 needs Nuclei's AreaShape_MajorAxisLength, AreaShape_MinorAxisLength, "
+                                        r"AreaShape_Orientation"):
+        build_generator(spec)
+    with pytest.raises(SpecError, match=r"warp=3.*1 to 2"):
+        archs.build("cp2image-decoder", 6, 2, 32, warp=3)
 
 
 def test_generators_clip_their_own_input():

@@ -280,16 +280,19 @@ def test_settings_visibility_and_revision():
     module.wants_field.value = True
     assert module.field_name in module.visible_settings()
     assert module.bit_depth in module.visible_settings() and module.bit_depth.value == BIT_DEPTH_FLOAT
+    assert module.match_shape in module.visible_settings() and not module.match_shape.value
     values = [s.value_text for s in module.settings()]
-    assert module.upgrade_settings(values, 3, "CP2Image") == (values, 3)
-    assert module.upgrade_settings(values[:-1], 2, "CP2Image") == ([*values[:-1], BIT_DEPTH_FLOAT], 3)
+    assert values[-1] == "No"
+    assert module.upgrade_settings(values, 4, "CP2Image") == (values, 4)
+    assert module.upgrade_settings(values[:-1], 3, "CP2Image") == (values, 4)
+    assert module.upgrade_settings(values[:-2], 2, "CP2Image") == ([*values[:-2], BIT_DEPTH_FLOAT, "No"], 4)
 
 
 def test_a_revision_1_pipeline_loads_with_automatic_precision():
     """Pipelines saved before the Precision setting (revision 1) load with it at Automatic, the rest unchanged."""
     text = (ROOT / "pipelines" / "ExampleFly_CP2Image.cppipe").read_text()
     old = re.sub(r"(CP2Image:\[module_num:11\|svn_version:'Unknown'\|variable_revision_number:)\d+", r"\g<1>1", text)
-    old = re.sub(r"    Image bit depth:.*\n", "", old)  # in case the pipeline was saved at revision 3 or later
+    old = re.sub(r"    (Image bit depth|Match each object's stated shape\?):.*\n", "", old)  # saved at revision 3+
     old = old.replace(f"    Precision:{PRECISION_AUTO}\n", "").replace("    Batch size:64", "    Batch size:48")
     assert old.count("variable_revision_number:1|") == 1 and "Precision:" not in old
     from cellprofiler_core.utilities.core.modules import add_module_for_tst, fill_modules, get_module_names
@@ -301,6 +304,7 @@ def test_a_revision_1_pipeline_loads_with_automatic_precision():
     pipeline.loadtxt(io.StringIO(old), raise_on_error=True)
     (module,) = [m for m in pipeline.modules() if m.module_name == "CP2Image"]
     assert module.precision.value == PRECISION_AUTO and module.bit_depth.value == BIT_DEPTH_FLOAT
+    assert not module.match_shape.value
     assert module.batch_size.value == 48 and module.directory.dir_choice == "Default Output Folder"
     assert module.file_prefix.value == "CP2Image"
     pipeline = Pipeline()  # the demo pipeline as shipped (revision 2: no Image bit depth yet)
@@ -345,6 +349,39 @@ def test_precision_setting_reaches_the_generator(tiny_model, fly_export, tmp_pat
         stacks[precision] = tifffile.imread(str(out / "CP2Image_Nuclei_ImageSet0001.tiff"))
     diff = np.abs(stacks[PRECISION_FP32] - stacks[PRECISION_BF16])
     assert 0 < diff.max() < 0.02
+
+
+def test_match_shape_setting_reaches_the_generator_and_is_refused_for_a_model_that_cannot(tiny_model, fly_export,
+                                                                                         tmp_path):
+    """*Match each object's stated shape?* changes the images (each object rotated and stretched to its stated
+    ellipse), keeping them in 0..1; a model without the AreaShape features it reads is refused in validation,
+    naming the features and the setting."""
+    import dataclasses
+
+    from cp2image_core.modelfile import load_model, save_model
+
+    spec = read_spec(tiny_model)
+    raw = real_feature_rows(fly_export, spec, [0, 1, 2])
+    labels, centers = three_objects()
+    stacks = {}
+    for match in (False, True):
+        out = tmp_path / f"match{match}"
+        out.mkdir()
+        module, ws = make_workspace(tiny_model, out, raw, spec, labels, centers, match_shape=match)
+        module.run(ws)
+        stacks[match] = tifffile.imread(str(out / "CP2Image_Nuclei_ImageSet0001.tiff"))
+    assert np.abs(stacks[True] - stacks[False]).max() > 0.01
+    assert stacks[True].min() >= 0 and stacks[True].max() <= 1
+    _, tensors = load_model(tiny_model)
+    keep = [j for j, (o, f) in enumerate(spec.features) if f != "AreaShape_Orientation"]
+    blind_spec = dataclasses.replace(spec, features=[spec.features[j] for j in keep],
+                                     feature_mean=[spec.feature_mean[j] for j in keep],
+                                     feature_std=[spec.feature_std[j] for j in keep])
+    blind = save_model(tmp_path / "blind.safetensors", tensors, blind_spec)
+    module, ws = make_workspace(blind, tmp_path, raw[:, keep], blind_spec, labels, centers, match_shape=True)
+    with pytest.raises(ValidationError, match=r"Nuclei features AreaShape_Orientation") as e:
+        module.validate_module(ws.pipeline)
+    assert e.value.get_setting() is module.match_shape
 
 
 def test_module_loads_without_torch_and_says_what_to_install():

@@ -20,6 +20,11 @@ training fields' level.
 ``AreaShape_Area`` brightest pixels of channel K (1-based: the channel the objects were found on) within a disk
 around the crop's centre, and each channel is mapped by one gain and offset (``match_object_intensity``). It fixes
 what a pixel loss leaves loose — the contrast inside the object, which CellProfiler's texture features scale with.
+``warp=K`` (before the calibration) rotates and stretches the drawn object so that its second moments are the
+ones its ``AreaShape_MajorAxisLength``, ``MinorAxisLength`` and ``Orientation`` state (``match_object_shape``): the
+object is found as for ``calibrate``, and the map fades to no change at twice the radius it is looked for in.
+Eccentricity and orientation are what the pixel losses leave loosest among the shape features. The module's *Match
+each object's stated shape?* switches it on at inference (``synthesize.with_shape_matching``).
 """
 from __future__ import annotations
 
@@ -55,20 +60,27 @@ def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
     return F.silu(torch.addcmul(shift.view(n, c, 1, 1), x, scale.view(n, c, 1, 1)), inplace=True)
 
 
+# what warp=K reads of the model's objects, in this order
+WARP_FEATURES = ("AreaShape_MajorAxisLength", "AreaShape_MinorAxisLength", "AreaShape_Orientation", "AreaShape_Area")
+
+
 @register("cp2image-decoder")
 class Decoder(nn.Module):
     def __init__(self, n_features: int, n_channels: int, crop_size: int,
                  width: int = 128, n_up: int = 4, hidden: int = 512, subpixel: int = 0, smooth: int = 0,
                  low_res_first: int = 0, icnr: int = 0, replicate: int = 0, antialias: int = 0,
-                 anchor: int = 0, calibrate: int = 0) -> None:
+                 anchor: int = 0, calibrate: int = 0, warp: int = 0) -> None:
         super().__init__()
         self.anchor = bool(anchor)
-        if not 0 <= calibrate <= n_channels:
-            raise ValueError(f"calibrate={calibrate}: the object's channel, 1 to {n_channels} (0: off)")
-        self.calibrate = calibrate
+        for name, value in (("calibrate", calibrate), ("warp", warp)):
+            if not 0 <= value <= n_channels:
+                raise ValueError(f"{name}={value}: the object's channel, 1 to {n_channels} (0: off)")
+        self.calibrate, self.warp = calibrate, warp
         self.input_clip = math.inf  # the spec's clip, set by bind_spec: the MLP sees clipped z, anchors raw values
         # set by bind_spec: anchors (C, K lo + 1 hi) and the calibration's (2 C + 1) features: means, SDs, area
-        for name in ("anchor_index", "anchor_mean", "anchor_std", "calib_index", "calib_mean", "calib_std"):
+        # and warp's 4: major and minor axis lengths, orientation, area
+        for name in ("anchor_index", "anchor_mean", "anchor_std", "calib_index", "calib_mean", "calib_std",
+                     "warp_index", "warp_mean", "warp_std"):
             self.register_buffer(name, None, persistent=False)
         if subpixel and crop_size % 2:
             raise ValueError(f"subpixel=1 needs an even crop size, not {crop_size}")
@@ -119,6 +131,14 @@ class Decoder(nn.Module):
         if self.smooth is not None:
             x = x + self.smooth(x)
         x = self._anchored(x, z) if self.anchor else torch.sigmoid(x)
+        if self.warp:
+            if self.warp_index is None:
+                raise SpecError("cp2image-decoder with warp=K needs its spec's features: build it with "
+                                "cp2image_core.synthesize.build_generator(spec)")
+            raw = z.float()[:, self.warp_index] * self.warp_std + self.warp_mean  # (N, 4) raw features
+            x = match_object_shape(x, raw[:, 0], raw[:, 1], raw[:, 2], raw[:, 3], self.warp - 1)
+            if not self.training:
+                x = x.clamp_(0.0, 1.0)
         if not self.calibrate:
             return x
         if self.calib_index is None:
@@ -160,6 +180,16 @@ class Decoder(nn.Module):
                                 "features lack them: measure them or train without calibrate")
             index = torch.tensor([names[(spec.object_name, f)] for f in wanted])
             self.calib_index, self.calib_mean, self.calib_std = index.to(dev), mean_all[index].to(dev), \
+                std_all[index].to(dev)
+        if self.warp:
+            wanted = list(WARP_FEATURES)
+            missing = [f for f in wanted if (spec.object_name, f) not in names]
+            if missing:
+                raise SpecError(f"warp={self.warp} needs {spec.object_name}'s {', '.join(missing)} "
+                                "(MeasureObjectSizeShape on the model's objects); the features lack them: measure "
+                                "them or train without warp")
+            index = torch.tensor([names[(spec.object_name, f)] for f in wanted])
+            self.warp_index, self.warp_mean, self.warp_std = index.to(dev), mean_all[index].to(dev), \
                 std_all[index].to(dev)
         if not self.anchor:
             return
@@ -203,10 +233,7 @@ def match_object_intensity(x: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
     window = x[:, :, lo:lo + size, lo:lo + size]
     xw = window.float().contiguous()
     ref = xw[:, channel].detach().reshape(n, -1)
-    r = torch.arange(lo, lo + size, device=x.device, dtype=torch.float32) - (s - 1) / 2
-    disk = (r[:, None] ** 2 + r[None, :] ** 2).reshape(1, -1) <= (radius * radius)[:, None]
-    k = torch.minimum(area.round().clamp_min(5), disk.sum(1)).long().clamp_min(1)
-    region = _top_k_mask(ref, disk.expand_as(ref), k).to(torch.float32).view(n, 1, size, size)
+    region = _object_pixels(ref, area, radius, lo, size, s).to(torch.float32).view(n, 1, size, size)
     count = region.sum((2, 3))  # (N, 1)
     m = (xw * region).sum((2, 3)) / count
     centred = xw - m[..., None, None]
@@ -225,6 +252,86 @@ def match_object_intensity(x: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
     out = x.clone()
     out[:, :, lo:lo + size, lo:lo + size] = (new.clamp(0.0, 1.0) if clip else new).to(x.dtype)
     return out
+
+
+def match_object_shape(x: torch.Tensor, major: torch.Tensor, minor: torch.Tensor, orientation: torch.Tensor,
+                       area: torch.Tensor, channel: int = 0, max_scale: float = 1.4) -> torch.Tensor:
+    """``x`` (N, C, S, S) resampled so that the drawn object's second moments are those of the ellipse with axis
+    lengths ``major``, ``minor`` (pixels) and ``orientation`` (degrees), as MeasureObjectSizeShape states them (N,).
+
+    The drawn object is found as ``match_object_intensity`` finds it (the ``area`` brightest pixels of ``channel``
+    near the centre) and its ellipse (axes and orientation, from its covariance) is mapped onto the stated one
+    about its centroid: a rotation by the difference of the orientations (the smaller way round) and a stretch
+    along each axis, kept within [1 / ``max_scale``, ``max_scale``]. The map applies fully within the disk the
+    object was looked for in (radius R) and, between R and 2 R, by a fraction that falls to 0 — rotation angle
+    and log-stretch together, a swirl that never folds the ring; the surroundings beyond stay. Bicubic resampling
+    (which can overshoot 0..1 a little). Inside the drawn object (eroded by 2 pixels) only the image's coarse part
+    (a Gaussian blur of 3 pixels) moves and the finer detail stays as drawn: rotating the decoder's texture cost
+    its directional texture features more. Gradients flow to ``x``.
+    """
+    n, _, s, _ = x.shape
+    area = area.float().clamp_min(1.0)
+    radius = 1.5 * (area / math.pi).sqrt() + 2
+    xf = x.float()
+    region = _object_pixels(xf[:, channel].detach().reshape(n, -1), area, radius, 0, s, s).to(torch.float32)
+    radius = radius[:, None]
+    r = torch.arange(s, device=x.device, dtype=torch.float32) - (s - 1) / 2
+    rows, cols = r[:, None].expand(s, s).reshape(1, -1), r[None, :].expand(s, s).reshape(1, -1)
+    count = region.sum(1, keepdim=True)
+    cr, cc = (region * rows).sum(1, keepdim=True) / count, (region * cols).sum(1, keepdim=True) / count
+    dr, dc = rows - cr, cols - cc  # (N, P) from the drawn centroid
+    var_r, cov, var_c = ((region * dr * dr).sum(1) / count[:, 0], (region * dr * dc).sum(1) / count[:, 0],
+                         (region * dc * dc).sum(1) / count[:, 0])
+    half = ((var_r - var_c) ** 2 / 4 + cov * cov).sqrt()
+    drawn_l1 = ((var_r + var_c) / 2 + half).clamp_min(1 / 12)
+    drawn_l2 = ((var_r + var_c) / 2 - half).clamp_min(1 / 12)
+    drawn_theta = 0.5 * torch.atan2(2 * cov, var_r - var_c)  # MeasureObjectSizeShape's orientation, in radians
+    delta = torch.deg2rad(orientation.float()) - drawn_theta
+    delta = torch.remainder(delta + math.pi / 2, math.pi) - math.pi / 2  # an axis: the smaller way round
+    limit = math.log(max_scale)
+    log_s1 = (0.5 * torch.log((major.float().clamp_min(1.0) / 4) ** 2 / drawn_l1)).clamp(-limit, limit)[:, None]
+    log_s2 = (0.5 * torch.log((minor.float().clamp_min(1.0) / 4) ** 2 / drawn_l2)).clamp(-limit, limit)[:, None]
+    # output pixel p takes the drawn image at centroid + R(theta) S^-w R(-theta - w delta) (p - centroid)
+    w = ((2 * radius - (dr * dr + dc * dc).sqrt()) / radius).clamp(0.0, 1.0)
+    alpha = drawn_theta[:, None] + w * delta[:, None]
+    ca, sa = alpha.cos(), alpha.sin()
+    v_r = (ca * dr + sa * dc) * torch.exp(-w * log_s1)
+    v_c = (ca * dc - sa * dr) * torch.exp(-w * log_s2)
+    ct, st = drawn_theta.cos()[:, None], drawn_theta.sin()[:, None]
+    src_r, src_c = cr + ct * v_r - st * v_c, cc + st * v_r + ct * v_c
+    grid = torch.stack([src_c, src_r], -1).view(n, s, s, 2) / ((s - 1) / 2)  # (x, y) in -1..1, align_corners
+    # bicubic: on ExampleFly it kept the outline's detail (solidity, form factor) that bilinear and nearest lost;
+    # the detail finer than a Gaussian of 3 px is resampled too, and put back unmoved inside the object
+    low = _gaussian_blur(xf, 3.0, 8)
+    warped = F.grid_sample(xf, grid, mode="bicubic", padding_mode="border", align_corners=True)
+    warped_low = F.grid_sample(low, grid, mode="bilinear", padding_mode="border", align_corners=True)  # smooth
+    inner = (_box_sum(region.view(n, 1, s, s), 5) > 24.5).to(torch.float32)  # the drawn object, eroded by 2 px
+    return (warped + inner * ((xf - low) - (warped - warped_low))).to(x.dtype)
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float, radius: int) -> torch.Tensor:
+    """``x`` (N, C, H, W) blurred by a separable Gaussian (taps -radius..radius), edges repeated: one band matrix
+    per axis (4x faster than a depthwise convolution on a CPU)."""
+    taps = torch.arange(-radius, radius + 1, device=x.device)
+    g = torch.exp(-(taps * taps).to(torch.float32) / (2 * sigma * sigma))
+    g = g / g.sum()
+
+    def band(size: int) -> torch.Tensor:  # row i: the weights of the pixels it averages, the edge's repeated
+        cols = (torch.arange(size, device=x.device)[:, None] + taps).clamp(0, size - 1)
+        return torch.zeros(size, size, device=x.device).scatter_add_(1, cols, g.expand(size, -1)).to(x.dtype)
+
+    rows_blurred = (x @ band(x.shape[3]).T).transpose(2, 3)  # along W, then along H as the last axis
+    return (rows_blurred @ band(x.shape[2]).T).transpose(2, 3)
+
+
+def _object_pixels(ref: torch.Tensor, area: torch.Tensor, radius: torch.Tensor, lo: int, size: int,
+                   s: int) -> torch.Tensor:
+    """(N, size * size) mask of the drawn object: the ``area`` (N,) brightest pixels of ``ref`` within ``radius``
+    (N,) of the centre of the s x s crop; ``ref`` (N, size * size) covers its rows and columns lo..lo + size - 1."""
+    r = torch.arange(lo, lo + size, device=ref.device, dtype=torch.float32) - (s - 1) / 2
+    disk = (r[:, None] ** 2 + r[None, :] ** 2).reshape(1, -1) <= (radius * radius)[:, None]
+    k = torch.minimum(area.round().clamp_min(5), disk.sum(1)).long().clamp_min(1)
+    return _top_k_mask(ref, disk.expand_as(ref), k)
 
 
 def _box_sum(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -65,6 +65,9 @@ def get_args(argv=None) -> argparse.Namespace:
                         "'otsu' (Otsu threshold of the first channel, per crop), or 'auto' (default): 'pipeline' "
                         "where that module exists and reads one of the model's channels, else 'otsu'; the report "
                         "says which")
+    p.add_argument("--match-shape", action="store_true",
+                   help="also evaluate each cp2image-decoder model with the module's 'Match each object's stated "
+                        "shape' on (a row '<model> + shape match' next to its own)")
     p.add_argument("--c2st-repeats", type=int, default=5,
                    help="C2ST classifiers trained per method (different splits and starts); the table gives their "
                         "mean, as one run on a few hundred cells varies by ±0.1")
@@ -115,12 +118,17 @@ def evaluate(args: argparse.Namespace) -> dict:
     d = ((z_ref[val, None, :] - z_ref[None, train, :]) ** 2).sum(-1)
     methods: dict[str, np.ndarray] = {"real crops (ceiling)": real}
     timings = {}
-    for path, spec in zip(args.models, specs):
-        synth = load_synthesizer_uncached(path, "auto", "fp32")
+    runs = [(path, spec, False) for path, spec in zip(args.models, specs)]
+    if args.match_shape:
+        runs = [r for path, spec, _ in runs
+                for r in [(path, spec, False)] + ([(path, spec, True)] if spec.arch == "cp2image-decoder" else [])]
+    for path, spec, match in runs:
+        synth = load_synthesizer_uncached(path, "auto", "fp32", match_shape=match)
         z, _ = standardize(raw_for(spec), spec, clip=False)
+        name = Path(path).stem + (" + shape match" if match else "")
         t0 = time.time()
-        methods[Path(path).stem + f" [{spec.arch}]"] = synth.generate(z[val], batch_size=64)
-        timings[Path(path).stem] = time.time() - t0
+        methods[name + f" [{spec.arch}]"] = synth.generate(z[val], batch_size=64)
+        timings[name] = time.time() - t0
     methods["nearest neighbour"] = ts.crops[train[d.argmin(1)]]
     methods["mean training crop"] = np.repeat(ts.crops[train].mean(0, keepdims=True), len(val), 0)
     rng = np.random.default_rng(args.seed)  # chance-level features; its C2ST is what the field shift alone gives
