@@ -182,7 +182,8 @@ class CP2Image(Module):
             "default model on ExampleFly's held-out field, re-measured by CellProfiler: Eccentricity r 0.54 → 0.97, "
             "Orientation 0.65 → 0.80 (real crops: 0.88, 0.83), FormFactor 0.57 → 0.70, every feature family's median "
             "as good or better; a few directional texture features and the DNA edge intensities lose about 0.1. About "
-            "half as many cells per second on a CPU. Not for the realistic model (its orientation gets worse). Needs a "
+            "half as many cells per second on a CPU; under bfloat16 or float16 an edge can move by a pixel. Not for "
+            "the realistic model (its orientation gets worse). Needs a "
             "*cp2image-decoder* model trained on those features (both shipped models are).",
         )
         self.device = Choice(
