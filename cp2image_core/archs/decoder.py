@@ -170,27 +170,25 @@ class Decoder(nn.Module):
         dev = self.out.weight.device
         mean_all = torch.tensor(spec.feature_mean, dtype=torch.float32)
         std_all = torch.tensor(spec.feature_std, dtype=torch.float32)
+        def read(param: str, wanted: list[str], modules: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            """Index, mean and SD of the model's objects' features that ``param`` reads, or a SpecError naming the
+            missing ones."""
+            missing = [f for f in wanted if (spec.object_name, f) not in names]
+            if missing:
+                raise SpecError(f"{param} needs {spec.object_name}'s {', '.join(missing)} ({modules} on the model's "
+                                f"objects); the features lack them: measure them or train without "
+                                f"{param.split('=')[0]}")
+            index = torch.tensor([names[(spec.object_name, f)] for f in wanted])
+            return index.to(dev), mean_all[index].to(dev), std_all[index].to(dev)
+
         if self.calibrate:
-            wanted = ([f"Intensity_MeanIntensity_{ch}" for ch in spec.channels]
-                      + [f"Intensity_StdIntensity_{ch}" for ch in spec.channels] + ["AreaShape_Area"])
-            missing = [f for f in wanted if (spec.object_name, f) not in names]
-            if missing:
-                raise SpecError(f"calibrate={self.calibrate} needs {spec.object_name}'s {', '.join(missing)} "
-                                "(MeasureObjectIntensity and MeasureObjectSizeShape on the model's objects); the "
-                                "features lack them: measure them or train without calibrate")
-            index = torch.tensor([names[(spec.object_name, f)] for f in wanted])
-            self.calib_index, self.calib_mean, self.calib_std = index.to(dev), mean_all[index].to(dev), \
-                std_all[index].to(dev)
+            self.calib_index, self.calib_mean, self.calib_std = read(
+                f"calibrate={self.calibrate}", [f"Intensity_MeanIntensity_{ch}" for ch in spec.channels]
+                + [f"Intensity_StdIntensity_{ch}" for ch in spec.channels] + ["AreaShape_Area"],
+                "MeasureObjectIntensity and MeasureObjectSizeShape")
         if self.warp:
-            wanted = list(WARP_FEATURES)
-            missing = [f for f in wanted if (spec.object_name, f) not in names]
-            if missing:
-                raise SpecError(f"warp={self.warp} needs {spec.object_name}'s {', '.join(missing)} "
-                                "(MeasureObjectSizeShape on the model's objects); the features lack them: measure "
-                                "them or train without warp")
-            index = torch.tensor([names[(spec.object_name, f)] for f in wanted])
-            self.warp_index, self.warp_mean, self.warp_std = index.to(dev), mean_all[index].to(dev), \
-                std_all[index].to(dev)
+            self.warp_index, self.warp_mean, self.warp_std = read(f"warp={self.warp}", list(WARP_FEATURES),
+                                                                  "MeasureObjectSizeShape")
         if not self.anchor:
             return
         objects = list(dict.fromkeys(o for o, _ in spec.features))
