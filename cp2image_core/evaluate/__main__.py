@@ -118,10 +118,11 @@ def evaluate(args: argparse.Namespace) -> dict:
     d = ((z_ref[val, None, :] - z_ref[None, train, :]) ** 2).sum(-1)
     methods: dict[str, np.ndarray] = {"real crops (ceiling)": real}
     timings = {}
-    runs = [(path, spec, False) for path, spec in zip(args.models, specs)]
-    if args.match_shape:
-        runs = [r for path, spec, _ in runs
-                for r in [(path, spec, False)] + ([(path, spec, True)] if spec.arch == "cp2image-decoder" else [])]
+    runs = []  # (model file, spec, with shape matching)
+    for path, spec in zip(args.models, specs):
+        runs.append((path, spec, False))
+        if args.match_shape and spec.arch == "cp2image-decoder":
+            runs.append((path, spec, True))
     for path, spec, match in runs:
         synth = load_synthesizer_uncached(path, "auto", "fp32", match_shape=match)
         z, _ = standardize(raw_for(spec), spec, clip=False)
