@@ -178,13 +178,13 @@ class CP2Image(Module):
             False,
             doc="*No* (default): each object is drawn as the model draws it. *Yes*: each drawn object is then "
             "rotated and stretched about its centre so that its ellipse — *MajorAxisLength*, *MinorAxisLength*, "
-            "*Orientation* — is the one its AreaShape features state (the surroundings stay put). With the shipped "
-            "default model on ExampleFly's held-out field, re-measured by CellProfiler: Eccentricity r 0.54 → 0.97, "
-            "Orientation 0.65 → 0.80 (real crops: 0.88, 0.83), FormFactor 0.57 → 0.70, every feature family's median "
-            "as good or better; a few directional texture features and the DNA edge intensities lose about 0.1. About "
-            "half as many cells per second on a CPU; under bfloat16 or float16 an edge can move by a pixel. Not for "
-            "the realistic model (its orientation gets worse). Needs a "
-            "*cp2image-decoder* model trained on those features (both shipped models are).",
+            "*Orientation* — is the one its AreaShape features state (the surroundings stay put). On ExampleFly's "
+            "held-out field, re-measured by CellProfiler: Eccentricity r 0.54 → 0.98 and Orientation 0.65 → 0.78 with "
+            "the default model (0.55 → 0.97 and 0.70 → 0.86 with the realistic one; real crops: 0.88, 0.83), "
+            "FormFactor 0.57 → 0.68, every feature family's median as good or better; a few directional texture "
+            "features and the DNA edge intensities lose about 0.1. About half as many cells per second on a CPU; "
+            "under bfloat16 or float16 an edge can move by a pixel. Needs a *cp2image-decoder* model trained on those "
+            "features (both shipped models are).",
         )
         self.device = Choice(
             "Compute device",

@@ -307,11 +307,13 @@ def _regionprops(mask) -> tuple[float, float, float, float]:
 
 def test_match_object_shape_gives_the_drawn_object_the_stated_ellipse():
     """A drawn ellipse is rotated and stretched onto the stated axes and orientation (re-measured by skimage's
-    regionprops, which MeasureObjectSizeShape uses); stated = drawn leaves the crop as it is; far away nothing moves."""
+    regionprops, which MeasureObjectSizeShape uses), though a brighter neighbour lies within the disk the object is
+    looked for in; stated = drawn leaves the crop as it is; far away nothing moves."""
     torch.manual_seed(0)
     drawn = _ellipse(64, 10, 7, 20)
     x = (0.1 + 0.7 * drawn + 0.01 * torch.rand(2, 64, 64))[:, None].float()  # two crops, one channel
     x[:, :, :2, :2] = 0.9  # a bright corner: not the object, and too far to move
+    x[0, :, 44:47, 30:33] = 0.95  # a brighter neighbour near the object, among its Area brightest pixels
     area, major, minor, orientation = _regionprops(_ellipse(64, 12, 6, -40))
     own = _regionprops(drawn)
     y = match_object_shape(x, torch.tensor([major, own[1]]), torch.tensor([minor, own[2]]),

@@ -258,7 +258,8 @@ def match_object_shape(x: torch.Tensor, major: torch.Tensor, minor: torch.Tensor
     lengths ``major``, ``minor`` (pixels) and ``orientation`` (degrees), as MeasureObjectSizeShape states them (N,).
 
     The drawn object is found as ``match_object_intensity`` finds it (the ``area`` brightest pixels of ``channel``
-    near the centre) and its ellipse (axes and orientation, from its covariance) is mapped onto the stated one
+    near the centre), less what is not connected to its centre (``_central_component``), and its ellipse (axes and
+    orientation, from its covariance) is mapped onto the stated one
     about its centroid: a rotation by the difference of the orientations (the smaller way round) and a stretch
     along each axis, kept within [1 / ``max_scale``, ``max_scale``]. The map applies fully within the disk the
     object was looked for in (radius R) and, between R and 2 R, by a fraction that falls to 0 — rotation angle
@@ -271,10 +272,12 @@ def match_object_shape(x: torch.Tensor, major: torch.Tensor, minor: torch.Tensor
     area = area.float().clamp_min(1.0)
     radius = 1.5 * (area / math.pi).sqrt() + 2
     xf = x.float()
-    region = _object_pixels(xf[:, channel].detach().reshape(n, -1), area, radius, 0, s, s).to(torch.float32)
+    region = _object_pixels(xf[:, channel].detach().reshape(n, -1), area, radius, 0, s, s)
     radius = radius[:, None]
     r = torch.arange(s, device=x.device, dtype=torch.float32) - (s - 1) / 2
     rows, cols = r[:, None].expand(s, s).reshape(1, -1), r[None, :].expand(s, s).reshape(1, -1)
+    region = _central_component(region.view(n, s, s), rows * rows + cols * cols <= ((radius - 2) / 3) ** 2,
+                                radius).view(n, -1).to(torch.float32)
     count = region.sum(1, keepdim=True)
     cr, cc = (region * rows).sum(1, keepdim=True) / count, (region * cols).sum(1, keepdim=True) / count
     dr, dc = rows - cr, cols - cc  # (N, P) from the drawn centroid
@@ -305,6 +308,26 @@ def match_object_shape(x: torch.Tensor, major: torch.Tensor, minor: torch.Tensor
     warped_low = F.grid_sample(low, grid, mode="bilinear", padding_mode="border", align_corners=True)  # smooth
     inner = (_box_sum(region.view(n, 1, s, s), 5) > 24.5).to(torch.float32)  # the drawn object, eroded by 2 px
     return (warped + inner * ((xf - low) - (warped - warped_low))).to(x.dtype)
+
+
+def _central_component(region: torch.Tensor, seed: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """The part of each ``region`` (N, S, S bool) connected (8-neighbours) to its pixels in ``seed`` (N, S * S: a
+    small disk at the centre) — a neighbour's bright pixels inside the disk are not the object; a region with no
+    pixel in the seed is kept whole. Grown one ring per step for twice the largest ``radius`` (N, 1) (on a GPU for
+    S steps, so that nothing waits for that value)."""
+    n, s, _ = region.shape
+    seed = region & seed.view(n, s, s)
+    part = seed
+    steps = s if region.device.type != "cpu" else min(s, 2 * int(radius.max().ceil()) + 2)
+    for _ in range(steps):
+        grown = part.clone()
+        grown[:, 1:] |= part[:, :-1]
+        grown[:, :-1] |= part[:, 1:]
+        wider = grown.clone()
+        wider[:, :, 1:] |= grown[:, :, :-1]
+        wider[:, :, :-1] |= grown[:, :, 1:]
+        part = wider & region
+    return torch.where(seed.flatten(1).any(1)[:, None, None], part, region)
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: float, radius: int) -> torch.Tensor:
