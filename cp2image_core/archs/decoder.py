@@ -313,20 +313,23 @@ def match_object_shape(x: torch.Tensor, major: torch.Tensor, minor: torch.Tensor
 def _central_component(region: torch.Tensor, seed: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
     """The part of each ``region`` (N, S, S bool) connected (8-neighbours) to its pixels in ``seed`` (N, S * S: a
     small disk at the centre) — a neighbour's bright pixels inside the disk are not the object; a region with no
-    pixel in the seed is kept whole. Grown one ring per step for twice the largest ``radius`` (N, 1) (on a GPU for
-    S steps, so that nothing waits for that value)."""
+    pixel in the seed is kept whole. Grown one ring per step for twice the largest ``radius`` (N, 1), on a CPU
+    until nothing grows (a nucleus takes about its radius in steps); on a GPU for S steps, so that nothing waits."""
     n, s, _ = region.shape
     seed = region & seed.view(n, s, s)
     part = seed
-    steps = s if region.device.type != "cpu" else min(s, 2 * int(radius.max().ceil()) + 2)
-    for _ in range(steps):
+    on_cpu = region.device.type == "cpu"
+    for _ in range(min(s, 2 * int(radius.max().ceil()) + 2) if on_cpu else s):
         grown = part.clone()
         grown[:, 1:] |= part[:, :-1]
         grown[:, :-1] |= part[:, 1:]
         wider = grown.clone()
         wider[:, :, 1:] |= grown[:, :, :-1]
         wider[:, :, :-1] |= grown[:, :, 1:]
-        part = wider & region
+        wider &= region
+        if on_cpu and torch.equal(wider, part):
+            break
+        part = wider
     return torch.where(seed.flatten(1).any(1)[:, None, None], part, region)
 
 
