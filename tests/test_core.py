@@ -120,6 +120,7 @@ def test_generators_shape_and_batch_independence(arch, crop):
 
 
 @pytest.mark.parametrize("params", [{}, {"n_up": 3, "subpixel": 1}, {"n_up": 3, "subpixel": 1, "smooth": 1},
+                                    {"n_up": 3, "subpixel": 1, "smooth": 1, "replicate": 1, "antialias": 1},
                                     {"n_up": 3, "subpixel": 1, "smooth": 1, "low_res_first": 1}])
 def test_decoder_inference_path_equals_its_modules(params):
     """The decoder's fused GroupNorm + SiLU (inference) gives what its nn modules give, channels-last too; the
