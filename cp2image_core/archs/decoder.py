@@ -169,7 +169,10 @@ class Decoder(nn.Module):
         lo, scale = lo[..., None, None], (hi - lo).clamp_min(1e-3)[..., None, None]
         if self.training:
             return lo + scale * x
-        return torch.addcmul(lo, scale, x).clamp_(0.0, 1.0)  # inference: one fused pass, in place
+        # inference: one fused pass into NCHW memory, the layout the module writes pages in (the channels-last input
+        # is read once; an addcmul in channels-last memory broadcasts over runs of C values: 3x slower on a CPU)
+        out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, lo.dtype), device=x.device)
+        return torch.addcmul(lo, scale, x, out=out).clamp_(0.0, 1.0)
 
     def bind_spec(self, spec) -> None:
         """Take the spec's clip for the MLP's input and find the features that ``anchor=1`` and ``calibrate=K``
