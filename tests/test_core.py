@@ -146,6 +146,25 @@ def test_decoder_inference_path_equals_its_modules(params):
         assert 12 in sizes[-2:] and ups[0].size == (32, 32)
 
 
+def test_anchored_calibrated_decoder_inference_path_equals_its_autograd_path():
+    """The shipped default's kind (anchor, calibrate, sub-pixel, smooth): its inference path (NCHW anchor written
+    in one pass, the calibration in place, channels-last convs) gives what the autograd-friendly path gives."""
+    torch.manual_seed(0)
+    spec = dataclasses.replace(_calibrate_spec(), arch_params={"n_up": 2, "subpixel": 1, "smooth": 1, "anchor": 1,
+                                                               "calibrate": 1})
+    spec = dataclasses.replace(spec, features=spec.features + [("Nuclei", f"Intensity_MinIntensity_{ch}")
+                                                               for ch in spec.channels],
+                               feature_mean=[*spec.feature_mean, 0.05, 0.05], feature_std=spec.feature_std + [0.01] * 2)
+    gen = build_generator(spec).eval()
+    z = torch.randn(6, spec.n_features)
+    autograd = gen(z).detach()
+    with torch.inference_mode():
+        fast = gen.to(memory_format=torch.channels_last)(z)
+    assert fast.shape == (6, 2, 32, 32) and fast.is_contiguous()
+    assert torch.allclose(fast, autograd, atol=1e-5)
+    assert autograd.std() > 0.01 and not torch.allclose(autograd[:3], autograd[3:], atol=1e-3)
+
+
 def test_decoder_icnr_starts_without_a_checkerboard():
     gen = archs.build("cp2image-decoder", 10, 3, 64, n_up=3, subpixel=1, icnr=1)
     with torch.no_grad():
