@@ -336,11 +336,8 @@ def match_object_shape(x: torch.Tensor, major: torch.Tensor, minor: torch.Tensor
     low = _gaussian_blur(xf, 3.0, 8)
     warped = F.grid_sample(xf, grid, mode="bicubic", padding_mode="border", align_corners=True)
     warped_low = F.grid_sample(low, grid, mode="bilinear", padding_mode="border", align_corners=True)  # smooth
-    inner = ~_dilate(region.view(n, s, s) < 0.5, 2)  # the drawn object, eroded by 2 px; the crop's edge is outside
-    for edge in (inner[:, :2], inner[:, -2:], inner[:, :, :2], inner[:, :, -2:]):
-        edge.fill_(False)
-    detail = (xf - low).sub_(warped).add_(warped_low).mul_(inner.unsqueeze(1))  # in place: a third fewer passes
-    return detail.add_(warped).to(x.dtype)
+    inner = (_box_sum(region.view(n, 1, s, s), 5) > 24.5).to(torch.float32)  # the drawn object, eroded by 2 px
+    return (warped + inner * ((xf - low) - (warped - warped_low))).to(x.dtype)
 
 
 def _central_component(region: torch.Tensor, seed: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
