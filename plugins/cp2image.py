@@ -276,8 +276,7 @@ class CP2Image(Module):
         if self.model_choice == MODEL_CUSTOM:
             result.append(self.model_file)
         result += [self.match_shape, self.device, self.batch_size, self.precision, self.directory, self.file_layout,
-                   self.bit_depth,
-                   self.file_prefix, self.overwrite, self.wants_field]
+                   self.bit_depth, self.file_prefix, self.overwrite, self.wants_field]
         if self.wants_field:
             result.append(self.field_name)
         return result

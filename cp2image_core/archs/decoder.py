@@ -114,15 +114,15 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.mlp(z.clamp(-self.input_clip, self.input_clip)).view(-1, self.width, self.base, self.base)
-        if self.training or torch.is_grad_enabled():
+        fast = not (self.training or torch.is_grad_enabled())  # inference: fused and reordered steps below
+        if not fast:
             x = self.ups(x)
-        else:  # inference: the fused GroupNorm + SiLU
+        else:  # the fused GroupNorm + SiLU
             for layer in (m for block in self.ups for m in block):
                 if isinstance(layer, nn.GroupNorm):
                     x = group_norm_silu(x, layer)
                 elif not isinstance(layer, nn.SiLU):  # applied with its GroupNorm
                     x = layer(x)
-        fast = not (self.training or torch.is_grad_enabled())
         if self.subpixel and fast:
             x = _subpixel_conv(x, self.out)
         else:
@@ -167,8 +167,10 @@ class Decoder(nn.Module):
         lo = raw[..., :-1].amin(-1)
         hi = raw[..., -1]
         lo, scale = lo[..., None, None], (hi - lo).clamp_min(1e-3)[..., None, None]
-        if self.training or torch.is_grad_enabled():
-            return lo + scale * x if self.training else torch.addcmul(lo, scale, x).clamp(0.0, 1.0)
+        if self.training:
+            return lo + scale * x
+        if torch.is_grad_enabled():  # eval mode with autograd on: no out= below
+            return torch.addcmul(lo, scale, x).clamp(0.0, 1.0)
         # inference: one fused pass into NCHW memory, the layout the module writes pages in (the channels-last input
         # is read once; an addcmul in channels-last memory broadcasts over runs of C values: 3x slower on a CPU)
         out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, lo.dtype), device=x.device)
