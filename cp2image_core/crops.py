@@ -83,3 +83,79 @@ def paste_into_objects(crops: np.ndarray, labels: np.ndarray, centers_xy: np.nda
     _, c, size, _ = crops.shape
     field = np.zeros((*labels.shape, c), dtype=np.float32)
     return FieldPainter(labels, centers_xy, size).paint(crops, 1, field)
+
+
+class FieldComposer:
+    """The whole synthetic field from every object's synthesized crop, added batch by batch.
+
+    Each crop only guesses at its neighbours, so no crop is pasted whole: a pixel is drawn by the objects whose cell
+    it lies in — a soft partition by distance to each object's centre (``Location_Center_X/Y``) in which larger
+    objects reach farther (``radii``: each object's equivalent radius, from its area) — and, beyond every object's
+    radius + ``grow`` pixels, by the darkest of the crops that cover it (their background without the guessed
+    neighbours), fading over a crop's outer ``fade`` pixels to the field's background: each channel's 10th percentile,
+    over crops, of the 10th percentile of each crop's outermost pixels (on ExampleFly's held-out field: DNA, FITC,
+    Rhodamine 0, 0.017, 0.032 against the real field's 0.004, 0.016, 0.027 far from any nucleus; the median over crops
+    is 2x too bright in FITC, crops in clusters being the many). Memory: a few field-sized arrays.
+    """
+
+    def __init__(self, shape: tuple[int, int], centers_xy: np.ndarray, radii: np.ndarray, size: int,
+                 n_channels: int, grow: float = 8.0, sigma: float = 3.0, edge: float = 1.5, fade: int = 8) -> None:
+        h, w = shape
+        self.centers = np.asarray(centers_xy, dtype=np.float64).reshape(-1, 2)
+        self.radii = np.nan_to_num(np.asarray(radii, dtype=np.float64).ravel(), nan=0.0).clip(0)
+        self.size, self.grow, self.sigma, self.edge = size, grow, sigma, edge
+        self.num = np.zeros((h, w, n_channels))  # sum of weight x pixel (float64: weights reach 1e-50)
+        self.den = np.zeros((h, w))
+        self.low = np.full((h, w, n_channels), np.inf, np.float32)  # darkest covering crop
+        self.member = np.zeros((h, w), np.float32)  # how surely the pixel lies in some object's cell
+        self.cover = np.zeros((h, w), np.float32)  # how far inside some crop (1: at least ``fade`` pixels)
+        self.rims: list[np.ndarray] = []  # each crop's outermost pixels' 10th percentile per channel
+        offs = np.arange(size) - size // 2
+        self._dy, self._dx = offs[:, None], offs[None, :]
+        inward = np.minimum(np.arange(size), np.arange(size)[::-1]) + 1
+        self._fade = np.clip(np.minimum(inward[:, None], inward[None, :]) / max(fade, 1), 0, 1).astype(np.float32)
+        self._rim = np.ones((size, size), bool)
+        self._rim[2:-2, 2:-2] = False
+
+    def add(self, crops: np.ndarray, first: int) -> None:
+        """Add crop i (C, S, S) as object number ``first + i``; objects without a centre are skipped."""
+        h, w = self.den.shape
+        s = self.size
+        for i, crop in enumerate(crops):
+            k = first - 1 + i
+            if not np.isfinite(self.centers[k]).all():
+                continue
+            self.rims.append(np.percentile(crop[:, self._rim], 10, axis=1))
+            x0, y0 = (np.round(self.centers[k]).astype(np.int64) - s // 2).tolist()
+            r0, r1, c0, c1 = max(0, y0), min(h, y0 + s), max(0, x0), min(w, x0 + s)
+            if r0 >= r1 or c0 >= c1:
+                continue
+            window = np.s_[r0 - y0:r1 - y0, c0 - x0:c1 - x0]
+            d2 = ((self._dy + s // 2 - (self.centers[k, 1] - y0)) ** 2
+                  + (self._dx + s // 2 - (self.centers[k, 0] - x0)) ** 2)[window]
+            r = self.radii[k]
+            member = 1 / (1 + np.exp((np.sqrt(d2) - r - self.grow) / self.edge))
+            weight = member * np.exp(-(d2 - r * r) / (2 * self.sigma ** 2))
+            pixels = crop[(slice(None), *window)].transpose(1, 2, 0)
+            self.num[r0:r1, c0:c1] += weight[:, :, None] * pixels
+            self.den[r0:r1, c0:c1] += weight
+            np.minimum(self.low[r0:r1, c0:c1], pixels, out=self.low[r0:r1, c0:c1])
+            np.maximum(self.member[r0:r1, c0:c1], member, out=self.member[r0:r1, c0:c1])
+            np.maximum(self.cover[r0:r1, c0:c1], self._fade[window], out=self.cover[r0:r1, c0:c1])
+
+    def field(self) -> np.ndarray:
+        """The (H, W, C) float32 field composed so far."""
+        fill = np.percentile(self.rims, 10, axis=0) if self.rims else np.zeros(self.low.shape[2])
+        low = np.where(np.isfinite(self.low), self.low, fill)
+        background = self.cover[:, :, None] * low + (1 - self.cover[:, :, None]) * fill
+        mix = self.num / np.maximum(self.den, 1e-300)[:, :, None]
+        a = self.member[:, :, None]
+        return (a * mix + (1 - a) * background).astype(np.float32)
+
+
+def compose_field(crops: np.ndarray, shape: tuple[int, int], centers_xy: np.ndarray, radii: np.ndarray,
+                  **options) -> np.ndarray:
+    """A (H, W, C) field drawn from the crops of objects 1..N (see ``FieldComposer``)."""
+    composer = FieldComposer(shape, centers_xy, radii, crops.shape[-1], crops.shape[1], **options)
+    composer.add(crops, 1)
+    return composer.field()

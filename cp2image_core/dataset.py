@@ -122,6 +122,7 @@ class TrainingSet:
     dropped: dict[str, list[str]] = field(default_factory=dict)
     source: dict = field(default_factory=dict)
     masks: np.ndarray | None = None  # (N, S, S) bool: the object's own pixels, when labels were exported
+    centers: np.ndarray | None = None  # (N, 2) Location_Center_X/Y (image shapes: source["image_shapes"])
 
     @property
     def train_idx(self) -> np.ndarray:
@@ -138,6 +139,7 @@ class TrainingSet:
                  channels=np.array(self.channels), image_number=self.image_number,
                  object_number=self.object_number, is_val=self.is_val,
                  masks=self.masks if self.masks is not None else np.zeros(0, bool),
+                 centers=self.centers if self.centers is not None else np.zeros(0),
                  meta=np.array(json.dumps({"object_name": self.object_name, "dropped": self.dropped,
                                            "source": self.source})))
         os.replace(tmp, path)
@@ -151,7 +153,8 @@ class TrainingSet:
                        channels=d["channels"].tolist(), object_name=meta["object_name"],
                        image_number=d["image_number"], object_number=d["object_number"],
                        is_val=d["is_val"], dropped=meta["dropped"], source=meta["source"],
-                       masks=d["masks"] if "masks" in d.files and d["masks"].ndim == 3 else None)
+                       masks=d["masks"] if "masks" in d.files and d["masks"].ndim == 3 else None,
+                       centers=d["centers"] if "centers" in d.files and d["centers"].ndim == 2 else None)
 
 
 def split_images(image_numbers: np.ndarray, val_images: list[int] | None, val_fraction: float,
@@ -200,7 +203,7 @@ def build_training_set(
         raise DataError("Name at least one channel (the image names of Image.csv's FileName_<name> columns)")
     objects = dict.fromkeys([object_name, *feature_objects])
     csvs = [export_dir / "Image.csv"] + [export_dir / f"{o}.csv" for o in objects]
-    key = json.dumps([str(export_dir.resolve()), object_name, feature_objects, channels, crop_size,
+    key = json.dumps(["centers", str(export_dir.resolve()), object_name, feature_objects, channels, crop_size,
                       val_images, val_fraction, seed, str(image_root), mask_image, zero_outside_mask,
                       [(str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in csvs if p.exists()]])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -274,6 +277,7 @@ def build_training_set(
 
     crops = np.zeros((len(keys), len(channels), crop_size, crop_size), dtype=np.float32)
     masks = np.zeros((len(keys), crop_size, crop_size), dtype=bool) if mask_image else None
+    shapes = {}
     for num in np.unique(img_no):
         if int(num) not in files:
             raise DataError(f"{obj_path}: ImageNumber {num} is not in {img_path}")
@@ -288,6 +292,7 @@ def build_training_set(
             raise DataError(f"Image set {num}: channels differ in size: "
                             + ", ".join(f"{f.name} {pl.shape}" for f, pl in zip(files[int(num)], planes)))
         crops[rows_here] = crop_objects(np.stack(planes, axis=-1), centers, crop_size)
+        shapes[str(num)] = list(planes[0].shape)
         if zero_outside_mask:
             crops[rows_here] *= masks[rows_here, None]
 
@@ -295,8 +300,10 @@ def build_training_set(
         crops=crops, features=values[:, keep], feature_names=[names[i] for i in keep], channels=channels,
         object_name=object_name, image_number=img_no, object_number=obj_no,
         is_val=split_images(img_no, val_images, val_fraction, seed), dropped=dropped, masks=masks,
+        centers=np.stack([cx, cy], axis=1),
         source={"key": digest, "export_dir": str(export_dir.resolve()), "feature_objects": feature_objects,
-                "crop_size": crop_size, "images": {str(k): [str(p) for p in v] for k, v in files.items()}},
+                "crop_size": crop_size, "image_shapes": shapes,
+                "images": {str(k): [str(p) for p in v] for k, v in files.items()}},
     )
     if cache is not None:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)

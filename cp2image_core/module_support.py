@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import tifffile
 
-from .crops import FieldPainter, crop_objects, paste_into_objects
+from .crops import FieldComposer, FieldPainter, crop_objects, paste_into_objects
 from .errors import CP2ImageError
 from .features import producer_of, standardize
 from .modelfile import read_spec
@@ -172,11 +172,13 @@ def object_centers(measurements, objects_name: str, n: int) -> np.ndarray:
 
 def synthesize_and_write(synth: Synthesizer, measurements, objects_name: str, labels: np.ndarray, *,
                          batch_size: int, folder: str, base: str, per_object: bool, overwrite: bool,
-                         want_field: bool, keep: int = 6, bit_depth: int = 32) -> Synthesized:
+                         want_field: bool, fill_field: bool = False, keep: int = 6,
+                         bit_depth: int = 32) -> Synthesized:
     """Synthesize every object of the image set batch by batch, streaming pages to disk.
 
     Memory stays bounded by the batch (plus the field image), whatever the number of objects. ``bit_depth`` 16
-    writes uint16 pages (see ``to_pixels``), 32 float32 ones.
+    writes uint16 pages (see ``to_pixels``), 32 float32 ones. ``fill_field`` composes the whole field
+    (``FieldComposer``, radii from the objects' areas in ``labels``) instead of painting inside the outlines.
     """
     spec = synth.spec
     n = int(labels.max()) if labels.size else 0
@@ -186,13 +188,18 @@ def synthesize_and_write(synth: Synthesizer, measurements, objects_name: str, la
     names = ([f"{base}_Object{k:04d}.tiff" for k in range(1, n + 1)] if per_object
              else [f"{base}.tiff"] if n else [])
     check_writable(out, names, overwrite)
-    field = np.zeros((*labels.shape, spec.n_channels), np.float32) if want_field else None
-    painter = FieldPainter(labels, centers, spec.crop_size) if want_field else None
+    field = np.zeros((*labels.shape, spec.n_channels), np.float32) if want_field and not fill_field else None
+    painter = FieldPainter(labels, centers, spec.crop_size) if field is not None else None
+    if want_field and fill_field:
+        radii = np.sqrt(np.bincount(labels.ravel(), minlength=n + 1)[1:n + 1] / np.pi)
+        painter = FieldComposer(labels.shape, centers, radii, spec.crop_size, spec.n_channels)
     gallery: list[np.ndarray] = []
 
     def batches():
         for start, images in synth.iter_generate(z, batch_size):
-            if painter is not None:
+            if isinstance(painter, FieldComposer):
+                painter.add(images, start + 1)
+            elif painter is not None:
                 painter.paint(images, start + 1, field)
             gallery.extend(images[: max(0, keep - len(gallery))])
             yield start, images
@@ -206,6 +213,8 @@ def synthesize_and_write(synth: Synthesizer, measurements, objects_name: str, la
     elif n:
         _atomic_tiff(out / names[0], batches(), "TCYX", shape=(n, spec.n_channels, spec.crop_size, spec.crop_size),
                      dtype=dtype)
+    if isinstance(painter, FieldComposer):
+        field = painter.field()
     s = spec.crop_size
     return Synthesized(
         count=n, imputed=imputed, centers=centers,

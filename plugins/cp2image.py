@@ -143,7 +143,7 @@ def _core():
 class CP2Image(Module):
     module_name = "CP2Image"
     category = "Object Processing"
-    variable_revision_number = 4
+    variable_revision_number = 5
     doi = {  # noqa: RUF012  (CellProfiler reads this class attribute)
         "Please cite the following when using CP2Image:": "https://openreview.net/forum?id=4LqtcKZoKeB",
         "CellProfiler 4:": "https://doi.org/10.1186/s12859-021-04344-9",
@@ -263,12 +263,21 @@ class CP2Image(Module):
             "SyntheticField",
             doc="Name of the synthetic field image for downstream modules (default *SyntheticField*).",
         )
+        self.fill_field = Binary(
+            "Fill the field between objects?",
+            False,
+            doc="*No* (default): each synthesized cell inside its object's outline, zero elsewhere. *Yes*: the "
+            "whole field drawn from the synthesized cells, each at its object's centre: a pixel takes the cell "
+            "whose object it lies in or next to (within its equivalent radius + 8 pixels, larger objects "
+            "reaching farther), and elsewhere the darkest background of the cells around it. It looks like "
+            "a field rather than cut-outs, but the pixels outside the outlines are drawn, not measured.",
+        )
 
     def settings(self):
         return [
             self.objects_name, self.model_choice, self.model_file, self.device, self.batch_size,
             self.precision, self.directory, self.file_layout, self.file_prefix, self.overwrite, self.wants_field,
-            self.field_name, self.bit_depth, self.match_shape,
+            self.field_name, self.bit_depth, self.match_shape, self.fill_field,
         ]
 
     def visible_settings(self):
@@ -278,7 +287,7 @@ class CP2Image(Module):
         result += [self.match_shape, self.device, self.batch_size, self.precision, self.directory, self.file_layout,
                    self.bit_depth, self.file_prefix, self.overwrite, self.wants_field]
         if self.wants_field:
-            result.append(self.field_name)
+            result += [self.field_name, self.fill_field]
         return result
 
     def upgrade_settings(self, setting_values, variable_revision_number, module_name):
@@ -291,6 +300,9 @@ class CP2Image(Module):
         if variable_revision_number == 3:  # revision 4 added Match each object's stated shape, last
             setting_values = [*setting_values, "No"]
             variable_revision_number = 4
+        if variable_revision_number == 4:  # revision 5 added Fill the field between objects, last
+            setting_values = [*setting_values, "No"]
+            variable_revision_number = 5
         return setting_values, variable_revision_number
 
     # ---- helpers ---------------------------------------------------------------------------
@@ -364,6 +376,7 @@ class CP2Image(Module):
             per_object=self.file_layout == LAYOUT_OBJECT,
             overwrite=self.overwrite.value,
             want_field=self.wants_field.value,
+            fill_field=self.fill_field.value,
             keep=GALLERY_SIZE if self.show_window else 0,
             bit_depth=BIT_DEPTHS[self.bit_depth.value],
         )

@@ -10,7 +10,7 @@ import torch
 from cp2image_core import archs
 from cp2image_core.archs.decoder import match_object_intensity, match_object_shape
 from cp2image_core.archs.paper import paper_sizes
-from cp2image_core.crops import FieldPainter, crop_objects, paste_into_objects
+from cp2image_core.crops import FieldComposer, FieldPainter, compose_field, crop_objects, paste_into_objects
 from cp2image_core.errors import SpecError
 from cp2image_core.features import select_features, standardize
 from cp2image_core.spec import ModelSpec
@@ -70,6 +70,33 @@ def test_field_painter_in_batches_equals_a_per_object_paste():
         painter.paint(crops[first - 1:first - 1 + (3 if first == 1 else 2)], first, field)
     assert np.array_equal(field, expected)
     assert np.any(expected[labels == 1])  # not trivially empty
+
+
+def test_composed_field_takes_each_object_from_its_own_crop_and_the_darkest_background_between():
+    """Inside an object its own crop draws the field; between objects the darkest covering crop; where no crop
+    reaches, the crops' darker rims; batch by batch gives the same field as all at once."""
+    yy, xx = np.mgrid[:32, :32] - 16
+    near = np.sqrt(yy ** 2 + xx ** 2) <= 12
+    crops = np.stack([np.where(near, 0.8, 0.1), np.where(near, 0.5, 0.05), np.where(near, 0.6, 0.2),
+                      np.where(near, 0.7, 0.3)])
+    crops = np.repeat(crops[:, None], 2, 1).astype(np.float32)
+    crops[:, 1] *= 0.5  # a second channel
+    centers = np.array([[20.0, 20.0], [45.0, 20.0], [100.0, 20.0], [np.nan, np.nan]])
+    radii = np.full(4, 6.0)
+    field = compose_field(crops, (40, 130), centers, radii, grow=4, fade=2)
+    assert field.shape == (40, 130, 2) and field.dtype == np.float32
+    for k in range(3):  # each object's centre: its own crop
+        assert np.allclose(field[20, int(centers[k, 0])], crops[k, :, 16, 16], atol=1e-3)
+    assert np.allclose(field[12, 33], [0.05, 0.025], atol=2e-3)  # beyond both cells: the darker crop's background
+    fill = np.percentile([0.1, 0.05, 0.2], 10)  # no crop reaches (object 4 has no centre): the rims' 10th percentile
+    assert np.allclose(field[20, 125], [fill, fill / 2])
+    faded = compose_field(crops, (40, 130), centers, radii, grow=4)[20, 104:125, 0]  # fading over 8 pixels
+    assert np.all(np.diff(faded) <= 1e-6) and fill < faded[115 - 104] < 0.2 and faded[-1] == pytest.approx(fill)
+    assert abs(field[20, 32, 0] - field[20, 33, 0]) < 0.2  # two cells meet without a step to the background
+    composer = FieldComposer((40, 130), centers, radii, 32, 2, grow=4, fade=2)
+    for first in (1, 2, 3, 4):
+        composer.add(crops[first - 1:first], first)
+    assert np.allclose(composer.field(), field, atol=1e-6)
 
 
 def test_standardize_imputes_counts_and_clips():

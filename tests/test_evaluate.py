@@ -99,7 +99,7 @@ def test_evaluate_on_real_cells(fly_export, tiny_model, tmp_path):
     out = tmp_path / "report"
     rc = evaluate_main(["--models", str(tiny_model), "--export-dir", str(fly_export), "--max-cells", "80",
                         "--c2st-repeats", "2", "--out", str(out), "--traverse", "Nuclei.AreaShape_Area",
-                        "--features-pipeline", str(ROOT / "pipelines" / "ExampleFly_features.cppipe")])
+                        "--field-crops", "--features-pipeline", str(ROOT / "pipelines" / "ExampleFly_features.cppipe")])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     res = report["results"]
@@ -116,6 +116,11 @@ def test_evaluate_on_real_cells(fly_export, tiny_model, tmp_path):
         return res[name]["features"]["all"]["median_r"]
 
     assert median_r("mean training crop") < median_r("nearest neighbour")
+    # crops cut from the composed field: the cell inside its mask is still mostly its own crop's
+    (own,) = [k for k in res if k.startswith(tiny_model.stem) and " in its field " not in k]
+    (cut,) = [k for k in res if k.startswith(tiny_model.stem + " in its field ")]
+    assert abs(res[cut]["features"]["Intensity"]["median_r"] - res[own]["features"]["Intensity"]["median_r"]) < 0.1
+    assert res[cut]["pixels"]["mse"] != res[own]["pixels"]["mse"]
     # another cell's real crop keeps nothing of this cell's features: chance level
     assert abs(median_r("random training crop")) < 0.3 < median_r("nearest neighbour")
     assert all(0 <= r["c2st_cell"] <= 1 and 0 <= r["c2st_context"] <= 1 for r in res.values())
@@ -139,7 +144,8 @@ def test_evaluate_on_real_cells(fly_export, tiny_model, tmp_path):
     # on these 80 cells; 0.09 when the values after an empty crop were shifted onto other crops, before the fix)
     radii = [float(row["real crops (ceiling)"]) for row in rows if "Radius" in row["feature"]]
     assert len(radii) == 3 and min(radii) > 0.8, radii
-    for f in ("report.md", "grid.png", "scatter.png", "r_hist.png", "traverse_Nuclei.AreaShape_Area.png"):
+    for f in ("report.md", "grid.png", "scatter.png", "r_hist.png", "traverse_Nuclei.AreaShape_Area.png",
+              f"field_{tiny_model.stem}.png"):
         assert (out / f).exists(), f
 
 

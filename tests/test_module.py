@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from cp2image_core.crops import compose_field
 from cp2image_core.dataset import _numeric, _read_csv
 from cp2image_core.features import standardize
 from cp2image_core.modelfile import read_spec
@@ -281,11 +282,13 @@ def test_settings_visibility_and_revision():
     assert module.field_name in module.visible_settings()
     assert module.bit_depth in module.visible_settings() and module.bit_depth.value == BIT_DEPTH_FLOAT
     assert module.match_shape in module.visible_settings() and not module.match_shape.value
+    assert module.fill_field in module.visible_settings() and not module.fill_field.value
     values = [s.value_text for s in module.settings()]
-    assert values[-1] == "No"
-    assert module.upgrade_settings(values, 4, "CP2Image") == (values, 4)
-    assert module.upgrade_settings(values[:-1], 3, "CP2Image") == (values, 4)
-    assert module.upgrade_settings(values[:-2], 2, "CP2Image") == ([*values[:-2], BIT_DEPTH_FLOAT, "No"], 4)
+    assert values[-2:] == ["No", "No"]
+    assert module.upgrade_settings(values, 5, "CP2Image") == (values, 5)
+    assert module.upgrade_settings(values[:-1], 4, "CP2Image") == (values, 5)
+    assert module.upgrade_settings(values[:-2], 3, "CP2Image") == (values, 5)
+    assert module.upgrade_settings(values[:-3], 2, "CP2Image") == ([*values[:-3], BIT_DEPTH_FLOAT, "No", "No"], 5)
 
 
 def test_a_revision_1_pipeline_loads_with_automatic_precision():
@@ -311,7 +314,24 @@ def test_a_revision_1_pipeline_loads_with_automatic_precision():
     pipeline.loadtxt(io.StringIO(text), raise_on_error=True)
     (module,) = [m for m in pipeline.modules() if m.module_name == "CP2Image"]
     assert module.bit_depth.value == BIT_DEPTH_FLOAT and module.batch_size.value == 64
-    assert module.wants_field.value and module.field_name.value == "SyntheticField"
+    assert module.wants_field.value and module.field_name.value == "SyntheticField" and not module.fill_field.value
+
+
+def test_filled_field_is_composed_from_the_written_stack(tiny_model, fly_export, tmp_path):
+    """*Fill the field between objects?* gives the field that compose_field makes of the stack just written (radii
+    from the objects' areas): the cells at their centres, drawn background between them, not zero."""
+    spec = read_spec(tiny_model)
+    raw = real_feature_rows(fly_export, spec, [0, 1, 2])
+    labels, centers = three_objects()
+    module, ws = make_workspace(tiny_model, tmp_path, raw, spec, labels, centers, wants_field=True, fill_field=True)
+    module.run(ws)
+    stack = tifffile.imread(str(tmp_path / "CP2Image_Nuclei_ImageSet0001.tiff"))
+    field = ws.image_set.get_image("SyntheticField").pixel_data
+    radii = np.sqrt(np.bincount(labels.ravel())[1:] / np.pi)
+    assert np.allclose(field, compose_field(stack, labels.shape, centers, radii), atol=1e-6)
+    c = spec.crop_size // 2
+    assert np.allclose(field[30, 30], stack[0][:, c, c], atol=1e-3)
+    assert np.all(field[labels == 0].max(-1) > 0)
 
 
 def test_16_bit_stacks_hold_the_float_pixels_times_65535(tiny_model, fly_export, tmp_path):

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..dataset import build_training_set
+from ..crops import compose_field, crop_objects
+from ..dataset import TrainingSet, build_training_set
 from ..errors import CP2ImageError
 from ..features import standardize
 from ..modelfile import read_spec
@@ -68,6 +69,10 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--match-shape", action="store_true",
                    help="also evaluate each cp2image-decoder model with the module's 'Match each object's stated "
                         "shape' on (a row '<model> + shape match' next to its own)")
+    p.add_argument("--field-crops", action="store_true",
+                   help="also evaluate each model's crops cut from a whole synthetic field of the held-out images "
+                        "(every object drawn from its own features at its own centre, the module's 'Fill the field "
+                        "between objects?'): a row '<model> in its field' next to its own")
     p.add_argument("--c2st-repeats", type=int, default=5,
                    help="C2ST classifiers trained per method (different splits and starts); the table gives their "
                         "mean, as one run on a few hundred cells varies by ±0.1")
@@ -130,6 +135,9 @@ def evaluate(args: argparse.Namespace) -> dict:
         t0 = time.time()
         methods[name + f" [{spec.arch}]"] = synth.generate(z[val], batch_size=64)
         timings[name] = time.time() - t0
+        if args.field_crops and not match:
+            methods[name + f" in its field [{spec.arch}]"] = field_crops(ts, val, methods[name + f" [{spec.arch}]"],
+                                                                        figure=out / f"field_{name}.png")
     methods["nearest neighbour"] = ts.crops[train[d.argmin(1)]]
     methods["mean training crop"] = np.repeat(ts.crops[train].mean(0, keepdims=True), len(val), 0)
     rng = np.random.default_rng(args.seed)  # chance-level features; its C2ST is what the field shift alone gives
@@ -185,6 +193,33 @@ def evaluate(args: argparse.Namespace) -> dict:
         traverse(out, args.models[0], ts, val[args.cell], args.traverse)
     (out / "report.md").write_text(markdown(report))
     return report
+
+
+def field_crops(ts: TrainingSet, val: np.ndarray, crops: np.ndarray, figure: Path | None = None) -> np.ndarray:
+    """The crops cut again from each held-out image's synthetic field composed of ``crops`` (their objects only);
+    ``figure``: a PNG of the first held-out image, real beside synthetic."""
+    if ts.centers is None or "image_shapes" not in ts.source:
+        raise CP2ImageError("this training set cache has no object centres; delete it so that it is rebuilt")
+    key = (ts.object_name, "AreaShape_Area")
+    areas = (ts.features[val, ts.feature_names.index(key)] if key in ts.feature_names
+             else ts.masks[val].sum((1, 2)) if ts.masks is not None else np.zeros(len(val)))
+    radii, centers = np.sqrt(np.nan_to_num(areas) / np.pi), ts.centers[val]
+    out = np.empty_like(crops)
+    for num in np.unique(ts.image_number[val]):
+        rows = np.flatnonzero(ts.image_number[val] == num)
+        field = compose_field(crops[rows], tuple(ts.source["image_shapes"][str(num)]), centers[rows], radii[rows])
+        out[rows] = crop_objects(field, centers[rows], crops.shape[-1])
+        if figure is not None:
+            import skimage.io
+
+            from ..dataset import load_image
+            from ..viz import to_rgb
+
+            real = np.stack([load_image(Path(f)) for f in ts.source["images"][str(num)][:crops.shape[1]]])
+            pair = np.concatenate([to_rgb(real), to_rgb(field.transpose(2, 0, 1), ref=real)], axis=1)
+            skimage.io.imsave(str(figure), (pair * 255).astype(np.uint8), check_contrast=False)
+            figure = None
+    return out
 
 
 def write_feature_r(path: Path, rs: dict[str, dict[str, float]]) -> None:
