@@ -188,19 +188,21 @@ def synthesize_and_write(synth: Synthesizer, measurements, objects_name: str, la
     names = ([f"{base}_Object{k:04d}.tiff" for k in range(1, n + 1)] if per_object
              else [f"{base}.tiff"] if n else [])
     check_writable(out, names, overwrite)
-    field = np.zeros((*labels.shape, spec.n_channels), np.float32) if want_field and not fill_field else None
-    painter = FieldPainter(labels, centers, spec.crop_size) if field is not None else None
+    field = painter = composer = None
     if want_field and fill_field:
-        radii = np.sqrt(np.bincount(labels.ravel(), minlength=n + 1)[1:n + 1] / np.pi)
-        painter = FieldComposer(labels.shape, centers, radii, spec.crop_size, spec.n_channels)
+        radii = np.sqrt(np.bincount(labels.ravel(), minlength=n + 1)[1:n + 1] / np.pi)  # equivalent radii
+        composer = FieldComposer(labels.shape, centers, radii, spec.crop_size, spec.n_channels)
+    elif want_field:
+        field = np.zeros((*labels.shape, spec.n_channels), np.float32)
+        painter = FieldPainter(labels, centers, spec.crop_size)
     gallery: list[np.ndarray] = []
 
     def batches():
         for start, images in synth.iter_generate(z, batch_size):
-            if isinstance(painter, FieldComposer):
-                painter.add(images, start + 1)
-            elif painter is not None:
+            if painter is not None:
                 painter.paint(images, start + 1, field)
+            if composer is not None:
+                composer.add(images, start + 1)
             gallery.extend(images[: max(0, keep - len(gallery))])
             yield start, images
 
@@ -213,8 +215,8 @@ def synthesize_and_write(synth: Synthesizer, measurements, objects_name: str, la
     elif n:
         _atomic_tiff(out / names[0], batches(), "TCYX", shape=(n, spec.n_channels, spec.crop_size, spec.crop_size),
                      dtype=dtype)
-    if isinstance(painter, FieldComposer):
-        field = painter.field()
+    if composer is not None:
+        field = composer.field()
     s = spec.crop_size
     return Synthesized(
         count=n, imputed=imputed, centers=centers,
