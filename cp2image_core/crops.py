@@ -110,9 +110,8 @@ class FieldComposer:
         self.member = np.zeros((h, w), np.float32)  # how surely the pixel lies in some object's cell
         self.cover = np.zeros((h, w), np.float32)  # how far inside some crop (1: at least ``fade`` pixels)
         self.rims: list[np.ndarray] = []  # each crop's outermost pixels' 10th percentile per channel
-        offs = np.arange(size) - size // 2
-        self._dy, self._dx = offs[:, None], offs[None, :]
-        inward = np.minimum(np.arange(size), np.arange(size)[::-1]) + 1
+        self._index = np.arange(size)
+        inward = np.minimum(self._index, self._index[::-1]) + 1
         self._fade = np.clip(np.minimum(inward[:, None], inward[None, :]) / max(fade, 1), 0, 1).astype(np.float32)
         self._rim = np.ones((size, size), bool)
         self._rim[2:-2, 2:-2] = False
@@ -120,19 +119,17 @@ class FieldComposer:
     def add(self, crops: np.ndarray, first: int) -> None:
         """Add crop i (C, S, S) as object number ``first + i``; objects without a centre are skipped."""
         h, w = self.den.shape
-        s = self.size
-        for i, crop in enumerate(crops):
-            k = first - 1 + i
-            if not np.isfinite(self.centers[k]).all():
-                continue
-            self.rims.append(np.percentile(crop[:, self._rim], 10, axis=1))
+        s, idx = self.size, self._index
+        placed = np.isfinite(self.centers[first - 1:first - 1 + len(crops)]).all(1)
+        self.rims.extend(np.percentile(crops[placed][:, :, self._rim], 10, axis=2))  # once per batch
+        for i in np.flatnonzero(placed):
+            k, crop = first - 1 + i, crops[i]
             x0, y0 = (np.round(self.centers[k]).astype(np.int64) - s // 2).tolist()
             r0, r1, c0, c1 = max(0, y0), min(h, y0 + s), max(0, x0), min(w, x0 + s)
             if r0 >= r1 or c0 >= c1:
                 continue
             window = np.s_[r0 - y0:r1 - y0, c0 - x0:c1 - x0]
-            d2 = ((self._dy + s // 2 - (self.centers[k, 1] - y0)) ** 2
-                  + (self._dx + s // 2 - (self.centers[k, 0] - x0)) ** 2)[window]
+            d2 = ((idx[:, None] + y0 - self.centers[k, 1]) ** 2 + (idx[None, :] + x0 - self.centers[k, 0]) ** 2)[window]
             r = self.radii[k]
             member = 1 / (1 + np.exp((np.sqrt(d2) - r - self.grow) / self.edge))
             weight = member * np.exp(-(d2 - r * r) / (2 * self.sigma ** 2))

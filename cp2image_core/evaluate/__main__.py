@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..crops import compose_field, crop_objects
-from ..dataset import TrainingSet, build_training_set
+from ..dataset import TrainingSet, build_training_set, load_image
 from ..errors import CP2ImageError
 from ..features import standardize
 from ..modelfile import read_spec
@@ -212,7 +212,6 @@ def field_crops(ts: TrainingSet, val: np.ndarray, crops: np.ndarray, figure: Pat
         if figure is not None:
             import skimage.io
 
-            from ..dataset import load_image
             from ..viz import to_rgb
 
             real = np.stack([load_image(Path(f)) for f in ts.source["images"][str(num)][:crops.shape[1]]])
