@@ -14,6 +14,7 @@ from cp2image_core.evaluate.__main__ import real_vs_real
 from cp2image_core.evaluate.metrics import (
     bootstrap_medians,
     c2st,
+    c2st_fine,
     family_medians,
     pearson,
     pixel_metrics,
@@ -82,6 +83,28 @@ def test_real_vs_real_splits_at_random_and_measures_each_classifier():
     assert len(set(accs)) > 1  # five classifiers on five splits, not one figure repeated
 
 
+def test_fine_scale_c2st_tells_real_crops_from_smooth_ones_but_not_from_each_other():
+    """C2ST fine on real ExampleFly pixels (three channels of field 01_POS076 cut in 64-pixel tiles): two random
+    halves of the tiles are at chance; the same tiles blurred by a 1-pixel Gaussian — what a generator trained on
+    pixel losses draws — are told apart, and so are tiles with a 2-pixel checkerboard added (a sub-pixel
+    layer's pattern), at 2% of the range."""
+    from conftest import examplefly_dir
+    from scipy.ndimage import gaussian_filter
+
+    from cp2image_core.dataset import load_image
+
+    field = np.stack([load_image(examplefly_dir() / f"01_POS076_{ch}.TIF") for ch in "DFR"]).astype(np.float32)
+    tiles = np.stack([field[:, y:y + 64, x:x + 64] for y in range(0, 960, 64) for x in range(0, 960, 64)])
+    assert tiles.shape == (225, 3, 64, 64) and 0 < tiles.max() <= 1
+    chance = real_vs_real(tiles, range(5), test=c2st_fine)
+    assert 0.35 <= np.mean(chance) <= 0.65 and len(set(chance)) > 1, chance
+    smooth = gaussian_filter(tiles, (0, 0, 1, 1))
+    checker = tiles + 0.02 * ((np.indices((64, 64)).sum(0) % 2) - 0.5).astype(np.float32)
+    for fake in (smooth, checker):
+        assert np.mean([c2st_fine(tiles, fake, seed=k) for k in range(3)]) >= 0.9
+    assert np.isnan(c2st_fine(tiles[:3], smooth[:3]))  # too few to split: no figure, rather than a made-up one
+
+
 def test_cell_window_covers_the_object_and_fades_out():
     from cp2image_core.evaluate.__main__ import cell_window
 
@@ -126,6 +149,9 @@ def test_evaluate_on_real_cells(fly_export, tiny_model, tmp_path):
     assert all(0 <= r["c2st_cell"] <= 1 and 0 <= r["c2st_context"] <= 1 for r in res.values())
     assert 0.3 <= real["c2st"] <= 0.7 and real["c2st_sd"] >= 0  # measured (two halves of the real cells), not set
     assert report["c2st_repeats"] == 2 and res["nearest neighbour"]["c2st_sd"] >= 0
+    # the finest-scale test: real halves near chance, the mean crop (smooth, the same for every cell) told apart
+    assert 0.25 <= real["c2st_fine"] <= 0.75 and res["mean training crop"]["c2st_fine"] >= 0.9
+    assert "C2ST fine" in (out / "report.md").read_text()
     for r in res.values():  # every median has its bootstrap interval (cells resampled) and a rank-correlation twin
         f = r["features"]
         assert all(lo <= f[k]["median_r"] <= hi for k, (lo, hi) in f["ci95"].items() if np.isfinite(lo))

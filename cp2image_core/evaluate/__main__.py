@@ -29,6 +29,7 @@ from .metrics import (
     FAMILIES,
     bootstrap_medians,
     c2st,
+    c2st_fine,
     family,
     ks_median,
     pearson,
@@ -40,6 +41,7 @@ from .metrics import (
 from .remeasure import INTENSITY, SHAPE, TEXTURE, Remeasurer, segment
 
 ROOT = Path(__file__).resolve().parents[2]
+C2ST_KEYS = ("c2st", "c2st_cell", "c2st_context", "c2st_fine")  # the report's two-sample tests, in its columns' order
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -172,12 +174,14 @@ def evaluate(args: argparse.Namespace) -> dict:
     real_cell, real_around = real * cell, real * (1 - cell)
     for name, crops in methods.items():
         if name == "real crops (ceiling)":  # real vs real: the measured chance level (in context = whole crop)
-            accs = {"c2st": real_vs_real(real, seeds), "c2st_cell": real_vs_real(real_cell, seeds)}
+            accs = {"c2st": real_vs_real(real, seeds), "c2st_cell": real_vs_real(real_cell, seeds),
+                    "c2st_fine": real_vs_real(real, seeds, test=c2st_fine)}
             accs["c2st_context"] = accs["c2st"]
         else:
             pairs = {"c2st": (real, crops), "c2st_cell": (real_cell, crops * cell),
                      "c2st_context": (real, crops * cell + real_around)}
             accs = {key: [c2st(a, b, seed=k) for k in seeds] for key, (a, b) in pairs.items()}
+            accs["c2st_fine"] = [c2st_fine(real, crops, seed=k) for k in seeds]
         for key, acc in accs.items():
             results[name][key], results[name][key + "_sd"] = float(np.mean(acc)), float(np.std(acc))
         results[name]["ks_median"] = ks_median(remeasured["real crops (ceiling)"], remeasured[name])
@@ -248,14 +252,14 @@ def cell_window(masks: np.ndarray, grow: int = 3, blur: float = 1.5) -> np.ndarr
 
 def table(report: dict) -> str:
     head = ("| method | AreaShape r | Intensity r | Texture r | all r | r≥0.5 | r≥0.8 | R² | MSE | PSNR | SSIM "
-            "| C2ST acc | C2ST cell | C2ST in context | KS |")
-    lines = [head, "|" + "---|" * 15]
+            "| C2ST acc | C2ST cell | C2ST in context | C2ST fine | KS |")
+    lines = [head, "|" + "---|" * 16]
     for name, r in report["results"].items():
         f, p = r["features"], r["pixels"]
         lines.append(f"| {name} | " + " | ".join(f"{f[fam]['median_r']:.2f}" for fam in FAMILIES)
                      + f" | {f['all']['median_r']:.2f} | {f['all']['frac_ge_0.5']:.2f} | {f['all']['frac_ge_0.8']:.2f}"
                      + f" | {r['r2_median']:.2f} | {p['mse']:.5f} | {p['psnr']:.1f} | {p['ssim']:.3f}"
-                     + "".join(f" | {r.get(k, float('nan')):.2f}" for k in ("c2st", "c2st_cell", "c2st_context"))
+                     + "".join(f" | {r.get(k, float('nan')):.2f}" for k in C2ST_KEYS)
                      + f" | {r['ks_median']:.2f} |")
     return "\n".join(lines)
 
@@ -275,13 +279,13 @@ def spread_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def real_vs_real(crops: np.ndarray, seeds) -> list[float]:
-    """C2ST between two random halves of the same real crops: the classifier's measured chance level."""
+def real_vs_real(crops: np.ndarray, seeds, test=c2st) -> list[float]:
+    """``test`` (a C2ST) between two random halves of the same real crops: the classifier's measured chance level."""
     accs = []
     for k in seeds:
         order = np.random.default_rng(k).permutation(len(crops))
         half = len(crops) // 2
-        accs.append(c2st(crops[order[:half]], crops[order[half:2 * half]], seed=k))
+        accs.append(test(crops[order[:half]], crops[order[half:2 * half]], seed=k))
     return accs
 
 
@@ -305,9 +309,12 @@ the real crop (data range 1). C2ST: held-out accuracy of a small CNN telling rea
 both crops multiplied by a window on the real object (its mask grown by 3 pixels, blurred), so the surroundings
 cannot give a crop away. C2ST in context: the synthesized cell (inside that window) pasted into its real crop's
 surroundings — how far the cell alone gives itself away where it really lies; the gap to C2ST acc is what the
-surroundings, which a cell's features do not determine, add. On the real crops row, C2ST is measured between
+surroundings, which a cell's features do not determine, add. C2ST fine: a logistic regression on each crop's
+finest-scale statistics (per channel, the mean |difference| of pixels 1 and 2 apart, and their ratio: the camera's
+noise, blur and 8-bit levels, or a generator's smoothness and checkerboard), trained and tested the same way. On
+the real crops row, C2ST is measured between
 two random halves of the held-out cells (half as many per classifier): the test's own chance level. The random
-training crop row is a floor for all three: real cells of the training fields, told from the held-out field's.
+training crop row is a floor for all four: real cells of the training fields, told from the held-out field's.
 KS: median Kolmogorov–Smirnov statistic between the re-measured features of real and synthesized crops.
 Every feature's r for every method: `feature_r.csv`.
 
