@@ -30,6 +30,7 @@ from .errors import CP2ImageError
 from .features import fit_standardizer, standardize
 from .losses import (
     edge_intensity_loss,
+    fine_scale_loss,
     gradient_outside,
     intensity_distribution_loss,
     level_loss,
@@ -123,6 +124,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="weight of the loss on the batch mean of the crops' fine detail (finer than ~2 pixels): a "
                         "pattern drawn at the same place in every cell (a pixel-lattice grid, a spot on the same side "
                         "of every nucleus) survives that mean, real cells' detail averages out (0: off)")
+    m.add_argument("--fine-scale-loss", type=float, default=0.0,
+                   help="weight of the loss on each crop's finest scale (mean |difference| of pixels 1 and 2 apart, "
+                        "per channel, against the real crop's: noise and blur as the camera made them; 0: off)")
     m.add_argument("--shape-loss", type=float, default=0.0,
                    help="weight of the outline loss: the synthesized first channel's soft foreground at its own Otsu "
                         "threshold must be the object's mask, with a dark ring around it (MeasureObjectSizeShape "
@@ -390,6 +394,8 @@ def train(args: argparse.Namespace) -> int:
                     fake, mask, threshold=t_all[idx].to(device) if t_all is not None else None)
             if args.pattern_loss:
                 terms["pattern"] = args.pattern_loss, pattern_loss(fake, x)
+            if args.fine_scale_loss:
+                terms["fine"] = args.fine_scale_loss, fine_scale_loss(fake, x)
             for name, (weight, value) in terms.items():
                 loss_g = loss_g + weight * value
                 logs[name] = value.item()

@@ -259,7 +259,7 @@ def test_pattern_loss_sees_a_pattern_drawn_at_the_same_place_in_every_cell(fly_e
     """On real crops the pattern loss is 0 against themselves; the same faint grid added to every crop raises it
     far more than that grid at a random place in each crop (what real cells' detail looks like to a batch mean),
     although both add the same detail to each crop. The level loss is the relative error of the mean inside the
-    real mask."""
+    real mask; the fine-scale loss sees blur and the grid."""
     from cp2image_core.losses import fine_detail, level_loss, pattern_loss
 
     ts = build_training_set(fly_export, "Nuclei", ["Nuclei"], CHANNELS, 48, val_images=[1], seed=0,
@@ -280,6 +280,15 @@ def test_pattern_loss_sees_a_pattern_drawn_at_the_same_place_in_every_cell(fly_e
     assert level_loss(real, real, mask) == 0
     assert torch.isclose(level_loss(1.2 * real, real, mask), torch.tensor(0.2), atol=1e-4)
     assert level_loss(real + 0.3 * (1 - mask), real, mask) == 0
+    # the fine-scale loss: 0 against the crops themselves; a 1-pixel blur (too smooth, as a pixel-loss decoder draws)
+    # and the faint 2-pixel grid (a sub-pixel layer's checkerboard) both raise it
+    from scipy.ndimage import gaussian_filter
+
+    from cp2image_core.losses import fine_scale_loss
+
+    assert fine_scale_loss(real, real) == 0
+    smooth = torch.from_numpy(gaussian_filter(ts.crops[:64], (0, 0, 1, 1)))
+    assert fine_scale_loss(smooth, real) > 0.3 and fine_scale_loss(real + grid, real) > 0.1
 
 
 def test_decoder_trains_with_texture_losses_and_arch_params(fly_export, tmp_path, capsys):
@@ -308,11 +317,12 @@ def test_decoder_trains_with_texture_losses_and_arch_params(fly_export, tmp_path
     # loader binds the anchors and the calibration's features from the file's spec
     anchored = tmp_path / "anchored.safetensors"
     assert train_main([*common, "--mask-image", "NucleiLabels", "--edge-loss", "0.1", "--pattern-loss", "0.5",
-                       "--level-loss", "0.2", "--arch-param", "width=32", "hidden=64", "anchor=1", "calibrate=1",
+                       "--level-loss", "0.2", "--fine-scale-loss", "0.05",
+                       "--arch-param", "width=32", "hidden=64", "anchor=1", "calibrate=1",
                        "--steps", "2",
                        "--out", str(anchored)]) == 0
     last = json.loads((Path(f"{anchored}.run") / "history.json").read_text())[-1]
-    assert {"train_edge", "train_pattern", "train_level"} <= set(last)
+    assert {"train_edge", "train_pattern", "train_level", "train_fine"} <= set(last)
     capsys.readouterr()  # per-channel texture weights: one per channel, or a clear error before any work
     assert train_main([*common, "--mask-image", "NucleiLabels", "--texture-channel-weights", "1", "2",
                        "--out", str(tmp_path / "w.safetensors")]) == 2
