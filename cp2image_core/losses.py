@@ -140,18 +140,19 @@ def pattern_loss(fake: torch.Tensor, real: torch.Tensor, sigma: float = 2.0) -> 
     return ((df.mean(0) - dr.mean(0)).abs() / scale).mean()
 
 
+def fine_scale_differences(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, 2): each crop's mean |difference| of pixels 1 and of pixels 2 apart per channel, rows and columns
+    averaged — the finest scale, where a camera's noise and blur sit and a pixel-loss decoder is too smooth (or draws
+    a checkerboard)."""
+    return torch.stack([((x[..., k:, :] - x[..., :-k, :]).abs().mean((2, 3))
+                         + (x[..., k:] - x[..., :-k]).abs().mean((2, 3))) / 2 for k in (1, 2)], -1)
+
+
 def fine_scale_loss(fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """|log ratio| of each crop's mean absolute difference of pixels 1 and 2 apart, synthesized vs real, per channel.
-
-    The finest scale is where a camera's noise and blur sit and where a pixel-loss decoder is too smooth (or draws a
-    checkerboard): the statistics ``evaluate``'s *C2ST fine* tells crops apart by.
-    """
-    def stats(x):
-        x = x.float()
-        return torch.stack([(x[..., k:, :] - x[..., :-k, :]).abs().mean((2, 3))
-                            + (x[..., k:] - x[..., :-k]).abs().mean((2, 3)) for k in (1, 2)], -1)
-
-    return (stats(fake).clamp_min(1e-5).log() - stats(real).clamp_min(1e-5).log()).abs().mean()
+    """|log ratio| of ``fine_scale_differences``, synthesized vs real crop: the statistics ``evaluate``'s
+    *C2ST fine* tells crops apart by."""
+    f, r = fine_scale_differences(fake.float()), fine_scale_differences(real.float())
+    return (f.clamp_min(1e-5).log() - r.clamp_min(1e-5).log()).abs().mean()
 
 
 @torch.no_grad()

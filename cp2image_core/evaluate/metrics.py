@@ -140,9 +140,10 @@ def fine_scale_stats(crops: np.ndarray) -> np.ndarray:
     """(N, 3C): per crop and channel, the mean |difference| of pixels 1 and of pixels 2 apart (rows and columns
     averaged), and their ratio — what a camera leaves at the finest scale (noise, the optics' blur, 8-bit levels)
     and a generator's smoothness or checkerboard changes, whatever the crop looks like at a glance."""
-    x = crops.astype(np.float64)
-    d1 = (np.abs(np.diff(x, axis=2)).mean((2, 3)) + np.abs(np.diff(x, axis=3)).mean((2, 3))) / 2
-    d2 = (np.abs(x[:, :, 2:] - x[:, :, :-2]).mean((2, 3)) + np.abs(x[..., 2:] - x[..., :-2]).mean((2, 3))) / 2
+    from ..losses import fine_scale_differences
+
+    d = fine_scale_differences(torch.from_numpy(np.asarray(crops, np.float64))).numpy()
+    d1, d2 = d[..., 0], d[..., 1]
     return np.concatenate([d1, d2, d1 / np.maximum(d2, 1e-6)], 1)
 
 
