@@ -121,7 +121,8 @@ def test_cell_window_covers_the_object_and_fades_out():
 def test_evaluate_on_real_cells(fly_export, tiny_model, tmp_path):
     out = tmp_path / "report"
     rc = evaluate_main(["--models", str(tiny_model), "--export-dir", str(fly_export), "--max-cells", "80",
-                        "--c2st-repeats", "2", "--out", str(out), "--traverse", "Nuclei.AreaShape_Area",
+                        "--c2st-repeats", "2", "--c2st-steps", "200", "--out", str(out),
+                        "--traverse", "Nuclei.AreaShape_Area",
                         "--field-crops", "--features-pipeline", str(ROOT / "pipelines" / "ExampleFly_features.cppipe")])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
@@ -149,6 +150,7 @@ def test_evaluate_on_real_cells(fly_export, tiny_model, tmp_path):
     assert all(0 <= r["c2st_cell"] <= 1 and 0 <= r["c2st_context"] <= 1 for r in res.values())
     assert 0.3 <= real["c2st"] <= 0.7 and real["c2st_sd"] >= 0  # measured (two halves of the real cells), not set
     assert report["c2st_repeats"] == 2 and res["nearest neighbour"]["c2st_sd"] >= 0
+    assert report["c2st_steps"] == 200 and "each trained\n200 steps" in (out / "report.md").read_text()
     # the finest-scale test: real halves near chance, the mean crop (smooth, the same for every cell) told apart
     assert 0.25 <= real["c2st_fine"] <= 0.75 and res["mean training crop"]["c2st_fine"] >= 0.9
     assert "C2ST fine" in (out / "report.md").read_text()
