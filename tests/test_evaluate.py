@@ -118,6 +118,15 @@ def test_cell_window_covers_the_object_and_fades_out():
     assert w[1, 0, 0, 0] > 0.99 and w[1, 0, 20:, 20:].max() < 1e-3
 
 
+def test_c2st_steps_must_train_the_classifier(capsys):
+    from cp2image_core.evaluate.__main__ import get_args
+
+    assert get_args(["--models", "m.safetensors", "--export-dir", "x", "--out", "o"]).c2st_steps == 300
+    with pytest.raises(SystemExit):  # an untrained classifier's accuracy is no test: refused, with the option named
+        get_args(["--models", "m.safetensors", "--export-dir", "x", "--out", "o", "--c2st-steps", "0"])
+    assert "--c2st-steps 0" in capsys.readouterr().err
+
+
 def test_evaluate_on_real_cells(fly_export, tiny_model, tmp_path):
     out = tmp_path / "report"
     rc = evaluate_main(["--models", str(tiny_model), "--export-dir", str(fly_export), "--max-cells", "80",
