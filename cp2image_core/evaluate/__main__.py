@@ -69,6 +69,13 @@ def get_args(argv=None) -> argparse.Namespace:
                         "'otsu' (Otsu threshold of the first channel, per crop), or 'auto' (default): 'pipeline' "
                         "where that module exists and reads one of the model's channels, else 'otsu'; the report "
                         "says which")
+    p.add_argument("--around", choices=["auto", "off"], default="auto",
+                   help="also re-measure the objects the features pipeline builds around each object (its "
+                        "IdentifySecondaryObjects seeded by them and IdentifyTertiaryObjects, e.g. Cells and "
+                        "Cytoplasm around Nuclei), found in each method's crops as that pipeline finds them and "
+                        "correlated with the model's input features of those objects: 'auto' (default) where the "
+                        "pipeline has such modules, the model reads those objects' features and shape is "
+                        "re-segmented by the pipeline")
     p.add_argument("--match-shape", action="store_true",
                    help="also evaluate each cp2image-decoder model with the module's 'Match each object's stated "
                         "shape' on (a row '<model> + shape match' next to its own)")
@@ -98,6 +105,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(table(report))
+    if report.get("around"):
+        print(around_table(report))
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
 
@@ -161,9 +170,15 @@ def evaluate(args: argparse.Namespace) -> dict:
             print(f"note: {args.features_pipeline} has no IdentifyPrimaryObjects that makes {ref.object_name} from "
                   f"one of {ref.channels}; shape re-measured on a per-crop Otsu segmentation", file=sys.stderr)
     inputs = {f: ts.features[val, j] for (o, f), j in index.items() if o == ref.object_name}
+    around = [o for o in remeasurer.around if o in feature_objects] if (
+        args.around == "auto" and shape_segmentation == "pipeline") else []
     results, remeasured = {}, {}
     for name, crops in methods.items():
-        found = remeasurer.segment_like_pipeline(crops) if shape_segmentation == "pipeline" else segment(crops)
+        if shape_segmentation == "pipeline":  # the crop's object, and with `around` the objects built on it
+            objects = remeasurer.segment_around_like_pipeline(crops, around=bool(around))
+            found = objects[ref.object_name]
+        else:
+            found = segment(crops)
         shape = remeasurer.measure(crops, found, (SHAPE,))
         inside = remeasurer.measure(crops, masks, (INTENSITY, TEXTURE))
         feats = {**{f: v for f, v in shape.items() if f.startswith("AreaShape_")},
@@ -177,6 +192,11 @@ def evaluate(args: argparse.Namespace) -> dict:
         x, y = (np.stack([src[f] for f in common], 1).astype(np.float64) for src in (inputs, feats))
         results[name]["features"]["ci95"] = bootstrap_medians(x, y, common, seed=args.seed)
         results[name]["features"]["spearman"] = spearman_medians(x, y, common)
+        for obj in around:  # e.g. the Cells and Cytoplasm found around each crop's nucleus, as the pipeline finds them
+            values = remeasurer.measure(crops, objects[obj], (SHAPE, INTENSITY, TEXTURE), object_name=obj)
+            rs_obj = {f: pearson(ts.features[val, index[(obj, f)]], v) for f, v in values.items() if (obj, f) in index}
+            results[name].setdefault("around", {})[obj] = summarize_r(rs_obj)
+            results[name].setdefault("r_around", {}).update({f"{obj}.{f}": r for f, r in rs_obj.items()})
     cell = cell_window(masks)
     seeds = range(args.seed, args.seed + max(1, args.c2st_repeats))
     cnn = functools.partial(c2st, steps=args.c2st_steps)
@@ -197,10 +217,13 @@ def evaluate(args: argparse.Namespace) -> dict:
     report = {"n_val_cells": len(val), "val_images": sorted(set(ts.image_number[val].tolist())),
               "n_train_cells": len(train), "models": args.models, "mask": args.mask_image or "segmented",
               "shape_segmentation": shape_segmentation,
-              "results": {k: {kk: vv for kk, vv in v.items() if kk != "r"} for k, v in results.items()},
-              "generate_seconds": timings, "c2st_repeats": len(seeds), "c2st_steps": args.c2st_steps}
+              "results": {k: {kk: vv for kk, vv in v.items() if kk not in ("r", "r_around")}
+                          for k, v in results.items()},
+              "generate_seconds": timings, "c2st_repeats": len(seeds), "c2st_steps": args.c2st_steps,
+              "around": around}
     (out / "report.json").write_text(json.dumps(report, indent=1, default=float))
-    write_feature_r(out / "feature_r.csv", {name: res["r"] for name, res in results.items()})
+    write_feature_r(out / "feature_r.csv", {name: {**res["r"], **res.get("r_around", {})}
+                                            for name, res in results.items()})
     figures(out, methods, inputs, remeasured, results)
     if args.traverse:
         traverse(out, args.models[0], ts, val[args.cell], args.traverse)
@@ -273,6 +296,20 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def around_table(report: dict) -> str:
+    """Per object set around the input objects (e.g. Cells, Cytoplasm), each family's median r; '' if none."""
+    objs = report.get("around") or []
+    if not objs:
+        return ""
+    keys = (*FAMILIES, "all")
+    lines = ["| method | " + " | ".join(f"{o} {k} r" for o in objs for k in keys) + " |",
+             "|" + "---|" * (1 + len(objs) * len(keys))]
+    for name, r in report["results"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{r['around'][o][k]['median_r']:.2f}" for o in objs for k in keys)
+                     + " |")
+    return "\n".join(lines)
+
+
 def spread_table(report: dict) -> str:
     """Each family's median r with its 95% bootstrap interval over held-out cells, and the median Spearman r."""
     keys = (*FAMILIES, "all")
@@ -286,6 +323,24 @@ def spread_table(report: dict) -> str:
             f"{f[k]['median_r']:.2f} [{f['ci95'][k][0]:.2f}, {f['ci95'][k][1]:.2f}]" for k in keys)
             + " | " + " | ".join(f"{f['spearman'][k]:.2f}" for k in keys) + " |")
     return "\n".join(lines)
+
+
+def around_section(report: dict) -> str:
+    """The report's paragraph and table on the objects around the input objects ('' when not measured)."""
+    if not report.get("around"):
+        return ""
+    objs = " and ".join(report["around"])
+    return f"""The objects around each cell: {objs}, found in each method's crops as the features pipeline finds them
+(its IdentifyPrimaryObjects, IdentifySecondaryObjects and IdentifyTertiaryObjects on all crops of a method at
+once; the objects that share the number of the object at each crop's centre), re-measured by the same modules
+(shape, and intensity and texture inside these found objects: no label image of them is exported) and
+correlated with the model's input features of those objects (`feature_r.csv`: rows `<object>.<feature>`). The
+real crops' row is the ceiling here too: a cell cut by the crop's edge, or a neighbour's outline found
+differently than in the whole field, lowers it.
+
+{around_table(report)}
+
+"""
 
 
 def real_vs_real(crops: np.ndarray, seeds, test=c2st) -> list[float]:
@@ -336,7 +391,7 @@ which a few cells with outlying re-measurements — a segmentation that runs int
 
 {spread_table(report)}
 
-Worst features (r):
+{around_section(report)}Worst features (r):
 {worst}
 
 Figures: `grid.png` (held-out cells, one row per method), `scatter.png` (input vs re-measured),

@@ -15,6 +15,7 @@ from ..errors import CP2ImageError
 
 SHAPE, INTENSITY, TEXTURE = "MeasureObjectSizeShape", "MeasureObjectIntensity", "MeasureTexture"
 IDENTIFY = "IdentifyPrimaryObjects"
+SECONDARY, TERTIARY = "IdentifySecondaryObjects", "IdentifyTertiaryObjects"
 
 
 def _cp():
@@ -86,6 +87,7 @@ class Remeasurer:
         # the module that made these objects, for re-segmenting crops as the pipeline would (None if absent)
         self.identify = next((m for m in pipeline.modules() if m.module_name == IDENTIFY
                               and m.y_name.value == object_name), None)
+        self.around = around_modules(pipeline, object_name, channels)
         missing = {SHAPE, INTENSITY, TEXTURE} - set(self.modules)
         if missing:
             raise ValueError(f"{features_pipeline} lacks {', '.join(sorted(missing))}")
@@ -101,34 +103,49 @@ class Remeasurer:
         All crops are segmented at once on their mosaic (one global threshold, as for a field of such cells),
         with its size limits, declumping and border rule; a crop whose centre holds no object gets an empty mask.
         """
+        return self.segment_around_like_pipeline(crops, gap, around=False)[self.object_name]
+
+    def segment_around_like_pipeline(self, crops: np.ndarray, gap: int = 2,
+                                     around: bool = True) -> dict[str, np.ndarray]:
+        """Object set -> (N, S, S) masks of each crop's centre object and, with ``around``, of the objects the
+        features pipeline builds on it (``self.around``: its IdentifySecondaryObjects seeded by these objects, e.g.
+        Cells, and IdentifyTertiaryObjects, e.g. Cytoplasm), all run on the mosaic of every crop as in the pipeline.
+        A crop whose centre holds no object gets empty masks; the objects around it share its number, as in
+        CellProfiler.
+        """
         if not self.can_segment_like_pipeline:
             raise CP2ImageError(f"--shape-segmentation pipeline: the features pipeline has no {IDENTIFY} module that "
                                 f"makes {self.object_name} from one of the channels {self.channels}; "
                                 "use --shape-segmentation otsu")
         Image, ImageSetList, Measurements, _, ObjectSet, Pipeline, Workspace = _cp()
         n, _, s, _ = crops.shape
-        channel = self.channels.index(self.identify.x_name.value)
         shape, windows = tile_windows(n, s, gap)
-        image = np.zeros((shape[0] + gap, shape[1] + gap), np.float32)  # a gap at the top and left too: no tile
-        for i, (ys, xs) in enumerate(windows):                        # touches the image's border
-            image[gap + ys.start:gap + ys.stop, gap + xs.start:gap + xs.stop] = crops[i, channel]
         image_set_list = ImageSetList()
         image_set = image_set_list.get_image_set(0)
-        image_set.add(self.identify.x_name.value, Image(image))
-        object_set = ObjectSet()
-        workspace = Workspace(Pipeline(), self.identify, image_set, object_set, Measurements(), image_set_list)
-        self.identify.run(workspace)
-        labels = object_set.get_objects(self.object_name).segmented[gap:, gap:]
-        masks = np.zeros((n, s, s), bool)
+        for c, name in enumerate(self.channels):  # a gap at the top and left too: no tile touches the border
+            image = np.zeros((shape[0] + gap, shape[1] + gap), np.float32)
+            for i, (ys, xs) in enumerate(windows):
+                image[gap + ys.start:gap + ys.stop, gap + xs.start:gap + xs.stop] = crops[i, c]
+            image_set.add(name, Image(image))
+        object_set, measurements = ObjectSet(), Measurements()
+        for module in [self.identify, *(self.around.values() if around else ())]:
+            module.run(Workspace(Pipeline(), module, image_set, object_set, measurements, image_set_list))
+        names = [self.object_name, *(self.around if around else ())]
+        labels = {name: object_set.get_objects(name).segmented[gap:, gap:] for name in names}
+        masks = {name: np.zeros((n, s, s), bool) for name in names}
         for i, window in enumerate(windows):
-            pick = centre_label(labels[window])
+            pick = centre_label(labels[self.object_name][window])
             if pick:
-                masks[i] = labels[window] == pick
+                for name in names:
+                    masks[name][i] = labels[name][window] == pick
         return masks
 
-    def measure(self, crops: np.ndarray, masks: np.ndarray, modules: tuple[str, ...]) -> dict[str, np.ndarray]:
-        """Feature name -> (N,) values of each crop's masked object (NaN where a mask is empty)."""
+    def measure(self, crops: np.ndarray, masks: np.ndarray, modules: tuple[str, ...],
+                object_name: str | None = None) -> dict[str, np.ndarray]:
+        """Feature name -> (N,) values of each crop's masked object (NaN where a mask is empty); ``object_name``
+        (default: the model's objects) names the object set the features belong to, e.g. Cells."""
         Image, ImageSetList, Measurements, Objects, ObjectSet, Pipeline, Workspace = _cp()
+        object_name = object_name or self.object_name
         n = len(crops)
         mosaic, labels, rows = tile(crops, masks)
         image_set_list = ImageSetList()
@@ -138,21 +155,42 @@ class Remeasurer:
         object_set = ObjectSet()
         objects = Objects()
         objects.segmented = labels
-        object_set.add_objects(objects, self.object_name)
+        object_set.add_objects(objects, object_name)
         measurements = Measurements()
         pipeline = Pipeline()
         for name in modules:
             module = self.modules[name]
-            module.run(Workspace(pipeline, module, image_set, object_set, measurements, image_set_list))
+            module.objects_list.value = object_name
+            try:
+                module.run(Workspace(pipeline, module, image_set, object_set, measurements, image_set_list))
+            finally:
+                module.objects_list.value = self.object_name
         out = {}
-        for feat in measurements.get_feature_names(self.object_name):
-            v = np.asarray(measurements.get_current_measurement(self.object_name, feat), dtype=np.float64)
+        for feat in measurements.get_feature_names(object_name):
+            v = np.asarray(measurements.get_current_measurement(object_name, feat), dtype=np.float64)
             if len(v) != len(rows):
                 raise RuntimeError(f"{feat}: {len(v)} values for {len(rows)} objects")
             full = np.full(n, np.nan)
             full[rows] = v
             out[feat] = full
         return out
+
+
+def around_modules(pipeline, object_name: str, channels: list[str]) -> dict:
+    """Object set -> the features pipeline's module that builds it on ``object_name``: IdentifySecondaryObjects
+    seeded by those objects on one of ``channels`` (e.g. Cells from Nuclei on FITC), then IdentifyTertiaryObjects
+    of such a set minus them (e.g. Cytoplasm), in pipeline order."""
+    out: dict = {}
+    for m in pipeline.modules():
+        if not m.enabled:
+            continue
+        if (m.module_name == SECONDARY and m.x_name.value == object_name and m.image_name.value in channels
+                and not (m.wants_discard_edge.value and m.wants_discard_primary.value)):  # keeps the numbering
+            out[m.y_name.value] = m
+        elif (m.module_name == TERTIARY and m.primary_objects_name.value == object_name
+              and m.secondary_objects_name.value in out):
+            out[m.subregion_objects_name.value] = m
+    return out
 
 
 def segment(crops: np.ndarray, channel: int = 0, sigma: float = 1.0) -> np.ndarray:
