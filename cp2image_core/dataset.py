@@ -122,6 +122,7 @@ class TrainingSet:
     dropped: dict[str, list[str]] = field(default_factory=dict)
     source: dict = field(default_factory=dict)
     masks: np.ndarray | None = None  # (N, S, S) bool: the object's own pixels, when labels were exported
+    cell_masks: np.ndarray | None = None  # (N, S, S) uint8: 1 the object's cell, 2 other cells, 0 background
     centers: np.ndarray | None = None  # (N, 2) Location_Center_X/Y (image shapes: source["image_shapes"])
 
     @property
@@ -139,6 +140,7 @@ class TrainingSet:
                  channels=np.array(self.channels), image_number=self.image_number,
                  object_number=self.object_number, is_val=self.is_val,
                  masks=self.masks if self.masks is not None else np.zeros(0, bool),
+                 cell_masks=self.cell_masks if self.cell_masks is not None else np.zeros(0, np.uint8),
                  centers=self.centers if self.centers is not None else np.zeros(0),
                  meta=np.array(json.dumps({"object_name": self.object_name, "dropped": self.dropped,
                                            "source": self.source})))
@@ -154,6 +156,7 @@ class TrainingSet:
                        image_number=d["image_number"], object_number=d["object_number"],
                        is_val=d["is_val"], dropped=meta["dropped"], source=meta["source"],
                        masks=d["masks"] if "masks" in d.files and d["masks"].ndim == 3 else None,
+                       cell_masks=d["cell_masks"] if "cell_masks" in d.files and d["cell_masks"].ndim == 3 else None,
                        centers=d["centers"] if "centers" in d.files and d["centers"].ndim == 2 else None)
 
 
@@ -188,11 +191,14 @@ def build_training_set(
     cache: str | os.PathLike | None = None,
     mask_image: str | None = None,
     zero_outside_mask: bool = False,
+    cell_mask_image: str | None = None,
 ) -> TrainingSet:
     """Join the object CSVs, select features, crop every object, split by image (cached if asked).
 
     ``mask_image`` names an exported label image of the crop objects (Image.csv's FileName_<name>): each
     crop then gets the mask of its own object, and ``zero_outside_mask`` sets the pixels outside it to 0.
+    ``cell_mask_image`` names a label image of the objects built on them with the same numbers (e.g. CellsLabels,
+    IdentifySecondaryObjects seeded by Nuclei): each crop gets ``cell_masks``, 1 on its object's cell, 2 on others.
     """
     if zero_outside_mask and not mask_image:
         raise DataError("Zeroing outside the object's mask needs its label image: name it with --mask-image")
@@ -205,6 +211,7 @@ def build_training_set(
     csvs = [export_dir / "Image.csv"] + [export_dir / f"{o}.csv" for o in objects]
     key = json.dumps(["centers", str(export_dir.resolve()), object_name, feature_objects, channels, crop_size,
                       val_images, val_fraction, seed, str(image_root), mask_image, zero_outside_mask,
+                      *([cell_mask_image] if cell_mask_image else []),
                       [(str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in csvs if p.exists()]])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     if cache is not None:
@@ -220,7 +227,8 @@ def build_training_set(
     ih, irows = _read_csv(img_path)
     inums = _numeric(img_path, ih, irows, "ImageNumber").astype(np.int64)
     files: dict[int, list[Path]] = {}
-    for ch in [*channels, *([mask_image] if mask_image else [])]:
+    labels_images = [name for name in (mask_image, cell_mask_image) if name]
+    for ch in [*channels, *labels_images]:
         for col in (f"FileName_{ch}", f"PathName_{ch}"):
             if col not in ih:
                 have = sorted(c[len("FileName_"):] for c in ih if c.startswith("FileName_"))
@@ -228,7 +236,7 @@ def build_training_set(
                                 f"export (its images: {', '.join(have) or 'none'})")
     for r, num in zip(irows, inums):
         paths = []
-        for ch in [*channels, *([mask_image] if mask_image else [])]:
+        for ch in [*channels, *labels_images]:
             name, folder = r[ih.index(f"FileName_{ch}")], r[ih.index(f"PathName_{ch}")]
             paths.append(Path(image_root) / name if image_root else Path(folder) / name)
         files[int(num)] = paths
@@ -277,6 +285,7 @@ def build_training_set(
 
     crops = np.zeros((len(keys), len(channels), crop_size, crop_size), dtype=np.float32)
     masks = np.zeros((len(keys), crop_size, crop_size), dtype=bool) if mask_image else None
+    cell_masks = np.zeros((len(keys), crop_size, crop_size), dtype=np.uint8) if cell_mask_image else None
     shapes = {}
     for num in np.unique(img_no):
         if int(num) not in files:
@@ -285,9 +294,14 @@ def build_training_set(
         planes = [load_image(f) for f in files[int(num)][:len(channels)]]
         centers = np.stack([cx[rows_here], cy[rows_here]], axis=1)
         if mask_image:
-            labels = load_labels(files[int(num)][-1]).astype(np.float32)
+            labels = load_labels(files[int(num)][len(channels)]).astype(np.float32)
             cut = crop_objects(labels, centers, crop_size)[:, 0]
             masks[rows_here] = cut == obj_no[rows_here, None, None]
+        if cell_mask_image:
+            labels = load_labels(files[int(num)][-1]).astype(np.float32)
+            cut = crop_objects(labels, centers, crop_size)[:, 0]
+            own = cut == obj_no[rows_here, None, None]
+            cell_masks[rows_here] = np.where(own, 1, np.where(cut > 0, 2, 0))
         if len({pl.shape for pl in planes}) != 1:
             raise DataError(f"Image set {num}: channels differ in size: "
                             + ", ".join(f"{f.name} {pl.shape}" for f, pl in zip(files[int(num)], planes)))
@@ -300,6 +314,7 @@ def build_training_set(
         crops=crops, features=values[:, keep], feature_names=[names[i] for i in keep], channels=channels,
         object_name=object_name, image_number=img_no, object_number=obj_no,
         is_val=split_images(img_no, val_images, val_fraction, seed), dropped=dropped, masks=masks,
+        cell_masks=cell_masks,
         centers=np.stack([cx, cy], axis=1),
         source={"key": digest, "export_dir": str(export_dir.resolve()), "feature_objects": feature_objects,
                 "crop_size": crop_size, "image_shapes": shapes,

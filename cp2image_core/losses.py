@@ -175,19 +175,24 @@ def otsu_threshold(x: torch.Tensor, bins: int = 256) -> torch.Tensor:
 
 
 def outline_loss(fake: torch.Tensor, mask: torch.Tensor, channel: int = 0, sigma: float = 1.0,
-                 ring: int = 3, threshold: torch.Tensor | None = None) -> torch.Tensor:
+                 ring: int = 3, threshold: torch.Tensor | None = None,
+                 outside: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of the synthesized crop's soft Otsu foreground against the object's own mask.
 
     The evaluation measures shape on an Otsu segmentation of the synthesized ``channel`` (blurred by ``sigma``,
     its own threshold), so pixels of the object should lie above that threshold and a ``ring`` of pixels around it
     below: the segmented outline is then the object's, not one merged with a touching neighbour. Pixels farther
     out (neighbours) are left to the other losses. ``threshold`` (N,), e.g. the one the pipeline's segmentation
-    used on each cell's field, replaces the per-crop Otsu threshold.
+    used on each cell's field, replaces the per-crop Otsu threshold. ``outside`` (N, 1, H, W) limits the ring to
+    its pixels (e.g. the background between cells, not a touching neighbour); ``sigma`` 0: no blur.
     """
-    blurred = _gaussian_blur(fake[:, channel:channel + 1].float(), sigma)[:, 0]
+    x = fake[:, channel:channel + 1].float()
+    blurred = (_gaussian_blur(x, sigma) if sigma > 0 else x)[:, 0]
     t = (otsu_threshold(blurred) if threshold is None else threshold.float()).view(-1, 1, 1)
     inside = mask[:, 0] > 0.5
     around = (F.max_pool2d(mask.float(), 2 * ring + 1, stride=1, padding=ring)[:, 0] > 0.5) & ~inside
+    if outside is not None:
+        around &= outside[:, 0] > 0.5
     logits = (blurred - t) / (0.1 * t.abs()).clamp_min(1e-3)
     weight = (inside | around).float()
     bce = F.binary_cross_entropy_with_logits(logits, inside.float(), weight=weight, reduction="sum")

@@ -71,6 +71,12 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--mask-image", default=None,
                    help="exported label image of --objects (Image.csv FileName_<name>); weights the pixel loss "
                         "inside each cell's own object by --mask-weight")
+    d.add_argument("--cell-mask-image", default=None,
+                   help="exported label image of the objects built on --objects with the same numbers, e.g. "
+                        "CellsLabels (IdentifySecondaryObjects seeded by Nuclei): for --cell-loss and "
+                        "--cell-shape-loss")
+    d.add_argument("--cell-objects", default="Cells",
+                   help="name of the objects in --cell-mask-image (for their threshold in Image.csv)")
     d.add_argument("--zero-outside-mask", action="store_true",
                    help="set pixels outside each object's own mask (from --mask-image) to 0 in its crop")
     d.add_argument("--image-root", default=None, help="read images from this folder instead of Image.csv's PathName_")
@@ -136,6 +142,17 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the threshold IdentifyPrimaryObjects used on the cell's own field (Image.csv "
                         "Threshold_FinalThreshold_<objects>), so edges fall where the pipeline's segmentation puts "
                         "them; list the image the objects were identified from first in --channels")
+    m.add_argument("--cell-loss", type=float, default=0.0,
+                   help="weight of the texture (at --texture-scale), intensity-quantile and mean-intensity losses "
+                        "inside each object's cell and inside its cytoplasm (the cell less the object), from "
+                        "--cell-mask-image: what CellProfiler measures of Cells and Cytoplasm (0: off)")
+    m.add_argument("--cell-shape-loss", type=float, default=0.0,
+                   help="weight of the outline loss for the cell: on --cell-outline-channel at the threshold the "
+                        "pipeline's IdentifySecondaryObjects applied to the cell's field (Image.csv "
+                        "Threshold_FinalThreshold_<--cell-objects>), the cell above it and the background around it "
+                        "below (touching cells are left alone; needs --cell-mask-image and --mask-image; 0: off)")
+    m.add_argument("--cell-outline-channel", default=None,
+                   help="the --channels entry the cells were identified on (ExampleFly: FITC)")
     m.add_argument("--init-from", default=None,
                    help="start from this model file's generator weights (fine-tuning; same architecture and features)")
     m.add_argument("--encoder-steps", type=int, default=600, help="pre-training steps of the feature encoder")
@@ -213,15 +230,17 @@ def save_figures(run_dir: Path, real: np.ndarray, fake: np.ndarray, history: lis
 
 
 def field_thresholds(export_dir: str | Path, objects: str, image_numbers: np.ndarray) -> torch.Tensor:
-    """(N,) the threshold IdentifyPrimaryObjects applied to each cell's field (Image.csv Threshold_FinalThreshold_)."""
+    """(N,) the threshold the pipeline's Identify module for ``objects`` applied to each cell's field (Image.csv
+    Threshold_FinalThreshold_<objects>)."""
     from .dataset import _numeric, _read_csv
 
     path = Path(export_dir) / "Image.csv"
     header, rows = _read_csv(path)
     column = f"Threshold_FinalThreshold_{objects}"
     if column not in header:
-        raise CP2ImageError(f"{path} has no {column}: --outline-threshold field needs the threshold that "
-                            f"IdentifyPrimaryObjects recorded for {objects} (export its Image measurements)")
+        raise CP2ImageError(f"{path} has no {column}: --outline-threshold field and --cell-shape-loss need the "
+                            f"threshold the pipeline's Identify module recorded for {objects} (export its Image "
+                            "measurements)")
     by_image = dict(zip(_numeric(path, header, rows, "ImageNumber").astype(int),
                         _numeric(path, header, rows, column)))
     bad = sorted({int(i) for i in image_numbers if not np.isfinite(by_image.get(int(i), np.nan))})
@@ -230,6 +249,40 @@ def field_thresholds(export_dir: str | Path, objects: str, image_numbers: np.nda
                             f"--outline-threshold field needs it for every image set that has {objects} "
                             f"(or use --outline-threshold otsu)")
     return torch.tensor([by_image[int(i)] for i in image_numbers], dtype=torch.float32)
+
+
+def cell_targets(args: argparse.Namespace, ts) -> tuple | None:
+    """What --cell-loss and --cell-shape-loss need: each crop's cell codes (1 its cell, 2 other cells; (N, 1, S, S)),
+    the cells' field thresholds and the outline channel's index; None when both are off."""
+    if not (args.cell_loss or args.cell_shape_loss):
+        return None
+    if ts.cell_masks is None or ts.masks is None:
+        raise CP2ImageError("--cell-loss and --cell-shape-loss need the objects' and their cells' label images: name "
+                            "them with --mask-image and --cell-mask-image (e.g. NucleiLabels and CellsLabels)")
+    codes = torch.from_numpy(ts.cell_masks)[:, None]
+    if not args.cell_shape_loss:
+        return codes, None, None
+    if args.cell_outline_channel not in ts.channels:
+        raise CP2ImageError(f"--cell-shape-loss needs --cell-outline-channel, one of --channels {ts.channels}: the "
+                            f"image the cells were identified on (got {args.cell_outline_channel!r})")
+    return (codes, field_thresholds(args.export_dir, args.cell_objects, ts.image_number),
+            ts.channels.index(args.cell_outline_channel))
+
+
+def cell_terms(terms: dict, args, fake, x, mask, cells: tuple, idx, device, tex_weights) -> None:
+    """Add the cell's and cytoplasm's losses to ``terms`` (name -> (weight, value))."""
+    codes, thresholds, channel = cells
+    code = codes[idx].to(device)
+    cell = (code == 1).float()
+    if args.cell_loss:
+        value = 0.0
+        for region in (cell, cell * (1 - mask)):  # the cell, its cytoplasm
+            value = value + sum(texture_loss(fake, x, region, s, tex_weights) for s in args.texture_scale) / len(
+                args.texture_scale) + intensity_distribution_loss(fake, x, region) + level_loss(fake, x, region)
+        terms["cell"] = args.cell_loss, value / 2
+    if args.cell_shape_loss:
+        terms["cell_shape"] = args.cell_shape_loss, outline_loss(
+            fake, cell, channel=channel, sigma=0.0, threshold=thresholds[idx].to(device), outside=(code == 0).float())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,7 +314,7 @@ def train(args: argparse.Namespace) -> int:
     ts = build_training_set(args.export_dir, args.objects, args.feature_objects or [args.objects], args.channels,
                             args.crop_size, args.val_images, args.val_fraction, args.seed,
                             args.image_root, cache=run_dir / "trainset.npz", mask_image=args.mask_image,
-                            zero_outside_mask=args.zero_outside_mask)
+                            zero_outside_mask=args.zero_outside_mask, cell_mask_image=args.cell_mask_image)
     train_idx, val_idx = ts.train_idx, ts.val_idx
     if len(train_idx) == 0 or len(val_idx) == 0:
         raise CP2ImageError(f"The split left {len(train_idx)} training and {len(val_idx)} validation cells; "
@@ -290,6 +343,7 @@ def train(args: argparse.Namespace) -> int:
     w_all = 1.0 + args.mask_weight * m_all if m_all is not None else torch.ones(len(ts.crops), 1, 1, 1)
     t_all = field_thresholds(args.export_dir, args.objects, ts.image_number) \
         if args.shape_loss and args.outline_threshold == "field" else None
+    cells = cell_targets(args, ts)  # (codes, thresholds, channel) for --cell-loss / --cell-shape-loss, or None
     surround_all = None  # 1 outside the object's mask grown by --adv-surround pixels
     if args.adv_surround >= 0:
         if m_all is None:
@@ -392,6 +446,8 @@ def train(args: argparse.Namespace) -> int:
             if args.shape_loss:
                 terms["shape"] = args.shape_loss, outline_loss(
                     fake, mask, threshold=t_all[idx].to(device) if t_all is not None else None)
+            if cells is not None:
+                cell_terms(terms, args, fake, x, mask, cells, idx, device, tex_weights)
             if args.pattern_loss:
                 terms["pattern"] = args.pattern_loss, pattern_loss(fake, x)
             if args.fine_scale_loss:

@@ -5,7 +5,8 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 WORK=${WORK:-build/examplefly}
 PY="$VENV/bin/python"
-if [ ! -f "$WORK/features/Nuclei.csv" ]; then
+# (again when the pipeline changed since: e.g. the cells' label image, CellsLabels, added 2026-12-06)
+if [ ! -f "$WORK/features/Nuclei.csv" ] || [ pipelines/ExampleFly_features.cppipe -nt "$WORK/features/Nuclei.csv" ]; then
   SRC=$("$PY" -c 'import cellprofiler, os; print(os.path.join(os.path.dirname(cellprofiler.__file__), "data/examples/ExampleFly/images"))')
   mkdir -p "$WORK/images"
   cp -u "$SRC"/*.TIF "$WORK/images/"

@@ -369,3 +369,42 @@ def test_adversarial_surroundings_and_small_texture_offsets_train(fly_export, tm
                        "--texture-scale", "1", "2", "3"]) == 0
     last = json.loads((Path(f"{out}.run") / "history.json").read_text())[-1]
     assert {"train_adv", "train_tex", "train_d"} <= set(last) and np.isfinite(last["train_tex"])
+
+
+def test_cell_losses_read_the_cells_label_image(fly_export, tmp_path, capsys):
+    """--cell-mask-image CellsLabels (the features pipeline saves it): each crop's own cell (the label with its
+    nucleus's number) holds its nucleus and has the area CellProfiler measured; the cell's outline loss at the
+    threshold IdentifySecondaryObjects used is low on the real crops and high on a cell drawn elsewhere; training
+    with --cell-loss and --cell-shape-loss logs both, and a missing label image or channel is named."""
+    from cp2image_core.losses import outline_loss
+    from cp2image_core.train import field_thresholds
+
+    ts = build_training_set(fly_export, "Nuclei", ["Nuclei", "Cells"], CHANNELS, 64, val_images=[1],
+                            mask_image="NucleiLabels", cell_mask_image="CellsLabels")
+    own = ts.cell_masks == 1
+    assert ts.cell_masks.dtype == np.uint8 and set(np.unique(ts.cell_masks)) == {0, 1, 2}
+    assert not (ts.masks & ~own).any()  # every nucleus pixel lies in its own cell
+    area = ts.features[:, ts.feature_names.index(("Cells", "AreaShape_Area"))]
+    inside = ~(own[:, [0, -1], :].any((1, 2)) | own[:, :, [0, -1]].any((1, 2)))  # cells not cut by the crop's edge
+    assert inside.mean() > 0.7 and np.array_equal(own.sum((1, 2))[inside], area[inside])
+    rows = np.flatnonzero(inside)[:64]
+    crops = torch.from_numpy(ts.crops[rows])
+    cell = torch.from_numpy(own[rows]).float()[:, None]
+    background = torch.from_numpy(ts.cell_masks[rows] == 0).float()[:, None]
+    t = field_thresholds(fly_export, "Cells", ts.image_number[rows])
+    real = outline_loss(crops, cell, channel=1, sigma=0.0, threshold=t, outside=background)
+    elsewhere = outline_loss(crops, cell.roll(20, -1), channel=1, sigma=0.0, threshold=t,
+                             outside=background.roll(20, -1))
+    assert real < 0.5 * elsewhere, (real, elsewhere)
+    out = tmp_path / "cells.safetensors"
+    common = ["--export-dir", str(fly_export), *ARGS, "--crop-size", "32", "--steps", "2", "--batch-size", "8",
+              "--val-every", "2", "--loss", "l1", "--mask-image", "NucleiLabels", "--cell-loss", "0.1",
+              "--out", str(out)]
+    assert train_main(common) == 2
+    assert "--cell-mask-image" in capsys.readouterr().err
+    assert train_main([*common, "--cell-mask-image", "CellsLabels", "--cell-shape-loss", "0.1"]) == 2
+    assert "--cell-outline-channel" in capsys.readouterr().err
+    assert train_main([*common, "--cell-mask-image", "CellsLabels", "--cell-shape-loss", "0.1",
+                       "--cell-outline-channel", "FITC"]) == 0
+    last = json.loads((Path(f"{out}.run") / "history.json").read_text())[-1]
+    assert np.isfinite(last["train_cell"]) and np.isfinite(last["train_cell_shape"])

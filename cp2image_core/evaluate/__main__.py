@@ -170,8 +170,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             print(f"note: {args.features_pipeline} has no IdentifyPrimaryObjects that makes {ref.object_name} from "
                   f"one of {ref.channels}; shape re-measured on a per-crop Otsu segmentation", file=sys.stderr)
     inputs = {f: ts.features[val, j] for (o, f), j in index.items() if o == ref.object_name}
-    around = [o for o in remeasurer.around if o in feature_objects] if (
-        args.around == "auto" and shape_segmentation == "pipeline") else []
+    around = objects_around(remeasurer, feature_objects, args.around, shape_segmentation)
     results, remeasured = {}, {}
     for name, crops in methods.items():
         if shape_segmentation == "pipeline":  # the crop's object, and with `around` the objects built on it
@@ -229,6 +228,14 @@ def evaluate(args: argparse.Namespace) -> dict:
         traverse(out, args.models[0], ts, val[args.cell], args.traverse)
     (out / "report.md").write_text(markdown(report))
     return report
+
+
+def objects_around(remeasurer: Remeasurer, feature_objects: list[str], choice: str, shape_segmentation: str) -> list:
+    """The object sets --around re-measures: those the features pipeline builds on the model's objects whose
+    features the model reads; none with 'off' or when the objects themselves are not segmented as the pipeline does."""
+    if choice != "auto" or shape_segmentation != "pipeline":
+        return []
+    return [o for o in remeasurer.around if o in feature_objects]
 
 
 def field_crops(ts: TrainingSet, val: np.ndarray, crops: np.ndarray, figure: Path | None = None) -> np.ndarray:
