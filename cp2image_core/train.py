@@ -149,8 +149,12 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--cell-shape-loss", type=float, default=0.0,
                    help="weight of the outline loss for the cell: on --cell-outline-channel at the threshold the "
                         "pipeline's IdentifySecondaryObjects applied to the cell's field (Image.csv "
-                        "Threshold_FinalThreshold_<--cell-objects>), the cell above it and the background around it "
-                        "below (touching cells are left alone; needs --cell-mask-image and --mask-image; 0: off)")
+                        "Threshold_FinalThreshold_<--cell-objects>), the cell above it and a ring around it below "
+                        "(--cell-outline-ring; needs --cell-mask-image and --mask-image; 0: off)")
+    m.add_argument("--cell-outline-ring", choices=["all", "background"], default="all",
+                   help="pixels of the cell outline loss's dark ring (3 pixels around the cell): 'all', so that the "
+                        "pipeline's propagation stops at the cell's own outline even where a neighbour touches it, or "
+                        "'background' (not other cells' pixels)")
     m.add_argument("--cell-outline-channel", default=None,
                    help="the --channels entry the cells were identified on (ExampleFly: FITC)")
     m.add_argument("--init-from", default=None,
@@ -282,7 +286,8 @@ def cell_terms(terms: dict, args, fake, x, mask, cells: tuple, idx, device, tex_
         terms["cell"] = args.cell_loss, value / 2
     if args.cell_shape_loss:
         terms["cell_shape"] = args.cell_shape_loss, outline_loss(
-            fake, cell, channel=channel, sigma=0.0, threshold=thresholds[idx].to(device), outside=(code == 0).float())
+            fake, cell, channel=channel, sigma=0.0, threshold=thresholds[idx].to(device),
+            outside=(code == 0).float() if args.cell_outline_ring == "background" else None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -183,13 +183,15 @@ def test_evaluate_on_real_cells(fly_export, tiny_model, tmp_path):
     for obj in report["around"]:
         assert real["around"][obj]["Intensity"]["median_r"] > 0.85, obj
         assert abs(res["random training crop"]["around"][obj]["all"]["median_r"]) < 0.3, obj
-        for name, r in res.items():
+        for name, r in res.items():  # r is undefined where no cell is found (the tiny model) or all are alike
             vals = [float(row[name]) for row in rows if row["family"] == f"{obj}.Texture" and row[name]]
-            assert len(vals) == r["around"][obj]["Texture"]["n"] > 0
+            assert len(vals) == r["around"][obj]["Texture"]["n"]
+            assert len(vals) > 100 or name not in ("real crops (ceiling)", "nearest neighbour"), name
     assert "The objects around each cell: Cells and Cytoplasm" in (out / "report.md").read_text()
     # the real crops' radii follow the exported ones crop by crop, although a crop here holds no object (0.89-0.91
     # on these 80 cells; 0.09 when the values after an empty crop were shifted onto other crops, before the fix)
-    radii = [float(row["real crops (ceiling)"]) for row in rows if "Radius" in row["feature"]]
+    radii = [float(row["real crops (ceiling)"]) for row in rows
+             if row["family"] == "AreaShape" and "Radius" in row["feature"]]
     assert len(radii) == 3 and min(radii) > 0.8, radii
     for f in ("report.md", "grid.png", "scatter.png", "r_hist.png", "traverse_Nuclei.AreaShape_Area.png",
               f"field_{tiny_model.stem}.png"):
@@ -240,6 +242,14 @@ def test_shipped_models_keep_their_feature_preservation_and_realism(fly_export, 
     assert real["features"]["all"]["median_r"] >= 0.89
     assert real["features"]["Intensity"]["median_r"] >= 0.91
     assert real["c2st"] < model["c2st"] - 0.05  # the point of the realistic model
+    # the Cells and Cytoplasm around each nucleus, found as the features pipeline finds them (--around, on by
+    # default; the full report, 2026-12-06: Cells AreaShape / Intensity / Texture 0.48 / 0.78 / 0.84, Cytoplasm
+    # 0.40 / 0.79 / 0.54): the cell's intensity and texture kept, its shape less so (nearest neighbour 0.74)
+    assert report["around"] == ["Cells", "Cytoplasm"]
+    cells, cytoplasm = model["around"]["Cells"], model["around"]["Cytoplasm"]
+    assert cells["Intensity"]["median_r"] >= 0.73 and cells["Texture"]["median_r"] >= 0.79
+    assert cells["AreaShape"]["median_r"] >= 0.40 and cytoplasm["AreaShape"]["median_r"] >= 0.32
+    assert cytoplasm["Intensity"]["median_r"] >= 0.74 and cytoplasm["Texture"]["median_r"] >= 0.48
     # neither model's cells carry a pattern at the same place in every cell any more (--pattern-loss): default
     # 0.49, realistic 0.48 (before the pattern loss 0.94 and 0.78)
     assert model["c2st_cell"] < 0.65

@@ -340,7 +340,7 @@ def around_section(report: dict) -> str:
     return f"""The objects around each cell: {objs}, found in each method's crops as the features pipeline finds them
 (its IdentifyPrimaryObjects, IdentifySecondaryObjects and IdentifyTertiaryObjects on all crops of a method at
 once; the objects that share the number of the object at each crop's centre), re-measured by the same modules
-(shape, and intensity and texture inside these found objects: no label image of them is exported) and
+(shape, and intensity and texture inside these found objects, as re-running the pipeline on the images gives them) and
 correlated with the model's input features of those objects (`feature_r.csv`: rows `<object>.<feature>`). The
 real crops' row is the ceiling here too: a cell cut by the crop's edge, or a neighbour's outline found
 differently than in the whole field, lowers it.
