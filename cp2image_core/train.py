@@ -151,10 +151,11 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "pipeline's IdentifySecondaryObjects applied to the cell's field (Image.csv "
                         "Threshold_FinalThreshold_<--cell-objects>), the cell above it and a ring around it below "
                         "(--cell-outline-ring; needs --cell-mask-image and --mask-image; 0: off)")
-    m.add_argument("--cell-outline-ring", choices=["all", "background"], default="all",
+    m.add_argument("--cell-outline-ring", choices=["all", "background", "none"], default="all",
                    help="pixels of the cell outline loss's dark ring (3 pixels around the cell): 'all', so that the "
-                        "pipeline's propagation stops at the cell's own outline even where a neighbour touches it, or "
-                        "'background' (not other cells' pixels)")
+                        "pipeline's propagation stops at the cell's own outline even where a neighbour touches it, "
+                        "'background' (not other cells' pixels), or 'none' (no ring: only the cell's own pixels are "
+                        "drawn above the threshold, its extent and orientation, and nothing is pushed dark)")
     m.add_argument("--cell-outline-channel", default=None,
                    help="the --channels entry the cells were identified on (ExampleFly: FITC)")
     m.add_argument("--init-from", default=None,
@@ -287,7 +288,8 @@ def cell_terms(terms: dict, args, fake, x, mask, cells: tuple, idx, device, tex_
     if args.cell_shape_loss:
         terms["cell_shape"] = args.cell_shape_loss, outline_loss(
             fake, cell, channel=channel, sigma=0.0, threshold=thresholds[idx].to(device),
-            outside=(code == 0).float() if args.cell_outline_ring == "background" else None)
+            outside={"all": None, "background": (code == 0).float(), "none": torch.zeros_like(cell)}[
+                args.cell_outline_ring])
 
 
 def main(argv: list[str] | None = None) -> int:

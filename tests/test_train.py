@@ -396,6 +396,16 @@ def test_cell_losses_read_the_cells_label_image(fly_export, tmp_path, capsys):
     elsewhere = outline_loss(crops, cell.roll(20, -1), channel=1, sigma=0.0, threshold=t,
                              outside=background.roll(20, -1))
     assert real < 0.5 * elsewhere, (real, elsewhere)
+    # --cell-outline-ring none: no dark ring, so a crop bright all over passes, but a cell drawn elsewhere does not
+    bright, no_ring = crops.clone(), torch.zeros_like(cell)
+    bright[:, 1] += 1.0
+
+    def inside_only(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return outline_loss(x, mask, channel=1, sigma=0.0, threshold=t, outside=no_ring)
+
+    lit = inside_only(bright, cell)
+    assert lit < 0.1 * outline_loss(bright, cell, channel=1, sigma=0.0, threshold=t), lit
+    assert inside_only(crops, cell.roll(20, -1)) > 2 * inside_only(crops, cell), inside_only(crops, cell)
     out = tmp_path / "cells.safetensors"
     common = ["--export-dir", str(fly_export), *ARGS, "--crop-size", "32", "--steps", "2", "--batch-size", "8",
               "--val-every", "2", "--loss", "l1", "--mask-image", "NucleiLabels", "--cell-loss", "0.1",
@@ -408,3 +418,8 @@ def test_cell_losses_read_the_cells_label_image(fly_export, tmp_path, capsys):
                        "--cell-outline-channel", "FITC"]) == 0
     last = json.loads((Path(f"{out}.run") / "history.json").read_text())[-1]
     assert np.isfinite(last["train_cell"]) and np.isfinite(last["train_cell_shape"])
+    assert train_main([*common, "--cell-mask-image", "CellsLabels", "--cell-shape-loss", "0.1",
+                       "--cell-outline-channel", "FITC", "--cell-outline-ring", "none",
+                       "--out", str(tmp_path / "no_ring.safetensors")]) == 0
+    last = json.loads((tmp_path / "no_ring.safetensors.run" / "history.json").read_text())[-1]
+    assert np.isfinite(last["train_cell_shape"])

@@ -76,6 +76,13 @@ def get_args(argv=None) -> argparse.Namespace:
                         "correlated with the model's input features of those objects: 'auto' (default) where the "
                         "pipeline has such modules, the model reads those objects' features and shape is "
                         "re-segmented by the pipeline")
+    p.add_argument("--around-mask-image", default="auto",
+                   help="exported label image of the cells around each object, numbered as the objects (Image.csv "
+                        "FileName_<name>; the features pipeline saves CellsLabels): the objects --around finds are "
+                        "also measured inside their real masks (Intensity and Texture inside the real cell and its "
+                        "cytoplasm, as the objects' own are inside --mask-image), which tells what is drawn from "
+                        "where the pipeline finds it; 'auto' (default): '<first object around>Labels' where "
+                        "Image.csv has it; '' = off")
     p.add_argument("--match-shape", action="store_true",
                    help="also evaluate each cp2image-decoder model with the module's 'Match each object's stated "
                         "shape' on (a row '<model> + shape match' next to its own)")
@@ -122,13 +129,26 @@ def evaluate(args: argparse.Namespace) -> dict:
                                 "models compared side by side must share them")
     val_images = args.val_images or ref.training.get("val_images")
     feature_objects = ref.training.get("feature_objects") or ref.object_names()
+    remeasurer = Remeasurer(args.features_pipeline, ref.object_name, ref.channels)
+    shape_segmentation = args.shape_segmentation
+    if shape_segmentation == "auto":
+        shape_segmentation = "pipeline" if remeasurer.can_segment_like_pipeline else "otsu"
+        if shape_segmentation == "otsu":
+            print(f"note: {args.features_pipeline} has no IdentifyPrimaryObjects that makes {ref.object_name} from "
+                  f"one of {ref.channels}; shape re-measured on a per-crop Otsu segmentation", file=sys.stderr)
+    around = objects_around(remeasurer, feature_objects, args.around, shape_segmentation)
+    cells_image = around_mask_image(args.around_mask_image, around, Path(args.export_dir))
     ts = build_training_set(args.export_dir, ref.object_name, feature_objects, ref.channels, ref.crop_size,
                             val_images=val_images, seed=args.seed, image_root=args.image_root,
-                            mask_image=args.mask_image or None, cache=out / "evalset.npz")
+                            mask_image=args.mask_image or None, cache=out / "evalset.npz",
+                            cell_mask_image=cells_image)
     val = ts.val_idx[: args.max_cells] if args.max_cells else ts.val_idx
     train = ts.train_idx
     real = ts.crops[val]
     masks = ts.masks[val] if ts.masks is not None else segment(real)
+    in_real_masks = ({} if ts.cell_masks is None else
+                   {o: m for o, m in remeasurer.real_masks_around(masks, ts.cell_masks[val] == 1).items()
+                    if o in around})
     index = {f: j for j, f in enumerate(ts.feature_names)}
 
     def raw_for(spec) -> np.ndarray:
@@ -162,15 +182,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     rng = np.random.default_rng(args.seed)  # chance-level features; its C2ST is what the field shift alone gives
     methods["random training crop"] = ts.crops[rng.choice(train, len(val), replace=len(train) < len(val))]
 
-    remeasurer = Remeasurer(args.features_pipeline, ref.object_name, ref.channels)
-    shape_segmentation = args.shape_segmentation
-    if shape_segmentation == "auto":
-        shape_segmentation = "pipeline" if remeasurer.can_segment_like_pipeline else "otsu"
-        if shape_segmentation == "otsu":
-            print(f"note: {args.features_pipeline} has no IdentifyPrimaryObjects that makes {ref.object_name} from "
-                  f"one of {ref.channels}; shape re-measured on a per-crop Otsu segmentation", file=sys.stderr)
     inputs = {f: ts.features[val, j] for (o, f), j in index.items() if o == ref.object_name}
-    around = objects_around(remeasurer, feature_objects, args.around, shape_segmentation)
     results, remeasured = {}, {}
     for name, crops in methods.items():
         if shape_segmentation == "pipeline":  # the crop's object, and with `around` the objects built on it
@@ -196,6 +208,10 @@ def evaluate(args: argparse.Namespace) -> dict:
             rs_obj = {f: pearson(ts.features[val, index[(obj, f)]], v) for f, v in values.items() if (obj, f) in index}
             results[name].setdefault("around", {})[obj] = summarize_r(rs_obj)
             results[name].setdefault("r_around", {}).update({f"{obj}.{f}": r for f, r in rs_obj.items()})
+        for obj, obj_masks in in_real_masks.items():  # what is drawn inside the real cell, wherever it is found
+            values = remeasurer.measure(crops, obj_masks, (INTENSITY, TEXTURE), object_name=obj)
+            rs_obj = {f: pearson(ts.features[val, index[(obj, f)]], v) for f, v in values.items() if (obj, f) in index}
+            results[name].setdefault("around_real_masks", {})[obj] = summarize_r(rs_obj)
     cell = cell_window(masks)
     seeds = range(args.seed, args.seed + max(1, args.c2st_repeats))
     cnn = functools.partial(c2st, steps=args.c2st_steps)
@@ -219,7 +235,7 @@ def evaluate(args: argparse.Namespace) -> dict:
               "results": {k: {kk: vv for kk, vv in v.items() if kk not in ("r", "r_around")}
                           for k, v in results.items()},
               "generate_seconds": timings, "c2st_repeats": len(seeds), "c2st_steps": args.c2st_steps,
-              "around": around}
+              "around": around, "around_real_masks": list(in_real_masks), "around_mask_image": cells_image}
     (out / "report.json").write_text(json.dumps(report, indent=1, default=float))
     write_feature_r(out / "feature_r.csv", {name: {**res["r"], **res.get("r_around", {})}
                                             for name, res in results.items()})
@@ -236,6 +252,19 @@ def objects_around(remeasurer: Remeasurer, feature_objects: list[str], choice: s
     if choice != "auto" or shape_segmentation != "pipeline":
         return []
     return [o for o in remeasurer.around if o in feature_objects]
+
+
+def around_mask_image(choice: str, around: list[str], export_dir: Path) -> str | None:
+    """The label image of the cells around each object that --around-mask-image names: None when off, when nothing
+    is measured around the objects, or ('auto') when Image.csv has no '<first object around>Labels' image."""
+    if not choice or not around:
+        return None
+    if choice != "auto":
+        return choice
+    with open(export_dir / "Image.csv", newline="") as fh:
+        columns = next(csv.reader(fh), [])
+    name = f"{around[0]}Labels"
+    return name if f"FileName_{name}" in columns else None
 
 
 def field_crops(ts: TrainingSet, val: np.ndarray, crops: np.ndarray, figure: Path | None = None) -> np.ndarray:
@@ -317,6 +346,19 @@ def around_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def around_real_table(report: dict) -> str:
+    """Intensity and Texture median r of the objects around, measured inside their real masks; '' if not measured."""
+    objs = report.get("around_real_masks") or []
+    if not objs:
+        return ""
+    lines = ["| method | " + " | ".join(f"{o} {k} r" for o in objs for k in FAMILIES[1:]) + " |",
+             "|" + "---|" * (1 + 2 * len(objs))]
+    for name, r in report["results"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{r['around_real_masks'][o][k]['median_r']:.2f}"
+                                                 for o in objs for k in FAMILIES[1:]) + " |")
+    return "\n".join(lines)
+
+
 def spread_table(report: dict) -> str:
     """Each family's median r with its 95% bootstrap interval over held-out cells, and the median Spearman r."""
     keys = (*FAMILIES, "all")
@@ -346,6 +388,20 @@ real crops' row is the ceiling here too: a cell cut by the crop's edge, or a nei
 differently than in the whole field, lowers it.
 
 {around_table(report)}
+
+{around_real_paragraph(report)}"""
+
+
+def around_real_paragraph(report: dict) -> str:
+    """The report's table of the objects around, measured inside their real masks ('' when not measured)."""
+    if not report.get("around_real_masks"):
+        return ""
+    return f"""The same objects' Intensity and Texture measured inside their real masks instead (the cell of
+`{report['around_mask_image']}` and, for {" and ".join(report["around_real_masks"][1:]) or "none"}, that cell less the
+object, as IdentifyTertiaryObjects makes it), as the objects' own are measured inside theirs: what each method draws in
+the cell, wherever the pipeline finds the cell in its crops.
+
+{around_real_table(report)}
 
 """
 

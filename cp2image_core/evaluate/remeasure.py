@@ -140,6 +140,24 @@ class Remeasurer:
                     masks[name][i] = labels[name][window] == pick
         return masks
 
+    def real_masks_around(self, masks: np.ndarray, cells: np.ndarray) -> dict[str, np.ndarray]:
+        """Object set -> (N, S, S) masks of the objects around each crop's object, from real label images: the first
+        IdentifySecondaryObjects' objects are ``cells`` (e.g. each crop's own cell in the exported CellsLabels), an
+        IdentifyTertiaryObjects' are that cell less the object ``masks`` (less its inside, the object without its
+        outline, where the module shrinks it first, as IdentifyTertiaryObjects does)."""
+        from centrosome.outline import outline
+
+        out: dict[str, np.ndarray] = {}
+        for name, module in self.around.items():
+            if module.module_name == SECONDARY and not out:
+                out[name] = cells
+            elif module.module_name == TERTIARY and module.secondary_objects_name.value in out:
+                inside = masks
+                if module.shrink_primary.value:
+                    inside = masks & ~np.stack([outline(m.astype(np.int32)) > 0 for m in masks])
+                out[name] = out[module.secondary_objects_name.value] & ~inside
+        return out
+
     def measure(self, crops: np.ndarray, masks: np.ndarray, modules: tuple[str, ...],
                 object_name: str | None = None) -> dict[str, np.ndarray]:
         """Feature name -> (N,) values of each crop's masked object (NaN where a mask is empty); ``object_name``
