@@ -172,6 +172,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--val-every", type=int, default=250, help="steps between validation/figures/checkpoints")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device")
     r.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out model file (without it, training refuses to start)")
     r.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch default)")
     return p.parse_args(argv)
 
@@ -313,6 +315,9 @@ def train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
+    if out.exists() and not (args.overwrite or args.resume):
+        raise CP2ImageError(f"{out} exists and training would replace it: choose another --out, or pass --overwrite "
+                            "to replace it (--resume continues the run that writes it)")
     run_dir = Path(args.run_dir or f"{out}.run")
     run_dir.mkdir(parents=True, exist_ok=True)
     loss_kind = args.loss or ("paper" if args.arch == "cp2image-paper" else "adversarial")

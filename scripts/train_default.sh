@@ -19,7 +19,7 @@ stage() {  # stage OUT STEPS ARCH_PARAMS [extra train options]
     --arch "$ARCH" --loss l1 --mask-image NucleiLabels --threads 2 \
     --arch-param $3 --texture-loss 0.05 --intensity-loss 0.05 \
     --edge-loss 0.05 --pattern-loss 0.5 --level-loss 0.2 \
-    --out "$1" --steps "$2" --run-dir "runs/$(basename "$1" .safetensors)" "${@:4}"
+    --out "$1" --steps "$2" --run-dir "runs/$(basename "$1" .safetensors)" --overwrite "${@:4}"
 }
 # Stage 1: learn the cell from its features; the outline loss at each crop's own Otsu threshold.
 stage "$STAGE1" "$STEPS" "$PARAMS" --val-every 500 --seed 0 --shape-loss 0.05 "$@"

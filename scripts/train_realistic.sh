@@ -25,7 +25,7 @@ stage() {  # stage INIT OUT LR SEED [extra train options]
     --texture-scale 1 2 3 --texture-loss 0.1 --intensity-loss 0.1 --edge-loss 0.1 --shape-loss 0.2 \
     --outline-threshold field --pattern-loss 0.5 --level-loss 0.2 \
     --steps "$STEPS" --val-every 1000 --init-from "$1" --out "$2" --lr "$3" --seed "$4" \
-    --run-dir "runs/$(basename "$2" .safetensors)" "${@:5}"
+    --run-dir "runs/$(basename "$2" .safetensors)" --overwrite "${@:5}"
 }
 stage "$INIT" "$STAGE1" 5e-4 0 "$@"
 stage "$STAGE1" "$STAGE2" 2.5e-4 1 "$@"

@@ -171,7 +171,7 @@ def test_sixteen_bit_images_are_scaled_as_cellprofiler_scales_them(tmp_path):
     assert np.allclose(load_image(tmp_path / "b.tif"), data.astype(np.uint8) / 255.0)
 
 
-def test_fewer_training_cells_than_the_batch_size(fly_export, tmp_path):
+def test_fewer_training_cells_than_the_batch_size(fly_export, tmp_path, capsys):
     from cp2image_core.train import main
 
     out = tmp_path / "m.safetensors"
@@ -180,3 +180,10 @@ def test_fewer_training_cells_than_the_batch_size(fly_export, tmp_path):
                  "--batch-size", "300", "--steps", "2", "--val-every", "2", "--loss", "l1", "--out", str(out)]) == 0
     spec, _ = load_model(out)
     assert spec.training["n_train"] < 300
+    # training again into the same file is refused before it starts, naming the file; --overwrite replaces it
+    args = ["--export-dir", str(fly_export), "--channels", *CHANNELS, "--val-images", "1", "--crop-size", "32",
+            "--batch-size", "8", "--steps", "2", "--val-every", "2", "--loss", "l1", "--out", str(out)]
+    before = out.read_bytes()
+    assert main(args) == 2
+    assert f"{out} exists" in capsys.readouterr().err and out.read_bytes() == before
+    assert main([*args, "--overwrite"]) == 0 and out.read_bytes() != before

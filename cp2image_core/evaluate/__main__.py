@@ -147,8 +147,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     real = ts.crops[val]
     masks = ts.masks[val] if ts.masks is not None else segment(real)
     in_real_masks = ({} if ts.cell_masks is None else
-                   {o: m for o, m in remeasurer.real_masks_around(masks, ts.cell_masks[val] == 1).items()
-                    if o in around})
+                     {o: m for o, m in remeasurer.real_masks_around(masks, ts.cell_masks[val] == 1).items()
+                      if o in around})
     index = {f: j for j, f in enumerate(ts.feature_names)}
 
     def raw_for(spec) -> np.ndarray:
