@@ -374,8 +374,9 @@ def test_adversarial_surroundings_and_small_texture_offsets_train(fly_export, tm
 def test_cell_losses_read_the_cells_label_image(fly_export, tmp_path, capsys):
     """--cell-mask-image CellsLabels (the features pipeline saves it): each crop's own cell (the label with its
     nucleus's number) holds its nucleus and has the area CellProfiler measured; the cell's outline loss at the
-    threshold IdentifySecondaryObjects used is low on the real crops and high on a cell drawn elsewhere; training
-    with --cell-loss and --cell-shape-loss logs both, and a missing label image or channel is named."""
+    threshold IdentifySecondaryObjects used is low on the real crops and high on a cell drawn elsewhere, and without
+    its dark ring (--cell-outline-ring none) a crop bright all over passes; training with --cell-loss and
+    --cell-shape-loss logs both, and a missing label image or channel is named."""
     from cp2image_core.losses import outline_loss
     from cp2image_core.train import field_thresholds
 
