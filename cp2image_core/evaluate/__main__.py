@@ -184,6 +184,12 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     inputs = {f: ts.features[val, j] for (o, f), j in index.items() if o == ref.object_name}
     results, remeasured = {}, {}
+
+    def correlate(crops: np.ndarray, obj: str, obj_masks: np.ndarray, modules: tuple[str, ...]) -> dict[str, float]:
+        """Each feature's r between the model's input features of ``obj`` and those re-measured inside the masks."""
+        values = remeasurer.measure(crops, obj_masks, modules, object_name=obj)
+        return {f: pearson(ts.features[val, index[(obj, f)]], v) for f, v in values.items() if (obj, f) in index}
+
     for name, crops in methods.items():
         if shape_segmentation == "pipeline":  # the crop's object, and with `around` the objects built on it
             objects = remeasurer.segment_around_like_pipeline(crops, around=bool(around))
@@ -204,14 +210,12 @@ def evaluate(args: argparse.Namespace) -> dict:
         results[name]["features"]["ci95"] = bootstrap_medians(x, y, common, seed=args.seed)
         results[name]["features"]["spearman"] = spearman_medians(x, y, common)
         for obj in around:  # e.g. the Cells and Cytoplasm found around each crop's nucleus, as the pipeline finds them
-            values = remeasurer.measure(crops, objects[obj], (SHAPE, INTENSITY, TEXTURE), object_name=obj)
-            rs_obj = {f: pearson(ts.features[val, index[(obj, f)]], v) for f, v in values.items() if (obj, f) in index}
+            rs_obj = correlate(crops, obj, objects[obj], (SHAPE, INTENSITY, TEXTURE))
             results[name].setdefault("around", {})[obj] = summarize_r(rs_obj)
             results[name].setdefault("r_around", {}).update({f"{obj}.{f}": r for f, r in rs_obj.items()})
         for obj, obj_masks in in_real_masks.items():  # what is drawn inside the real cell, wherever it is found
-            values = remeasurer.measure(crops, obj_masks, (INTENSITY, TEXTURE), object_name=obj)
-            rs_obj = {f: pearson(ts.features[val, index[(obj, f)]], v) for f, v in values.items() if (obj, f) in index}
-            results[name].setdefault("around_real_masks", {})[obj] = summarize_r(rs_obj)
+            results[name].setdefault("around_real_masks", {})[obj] = summarize_r(
+                correlate(crops, obj, obj_masks, (INTENSITY, TEXTURE)))
     cell = cell_window(masks)
     seeds = range(args.seed, args.seed + max(1, args.c2st_repeats))
     cnn = functools.partial(c2st, steps=args.c2st_steps)
@@ -332,30 +336,17 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def around_table(report: dict) -> str:
-    """Per object set around the input objects (e.g. Cells, Cytoplasm), each family's median r; '' if none."""
-    objs = report.get("around") or []
+def around_table(report: dict, key: str = "around", families: tuple[str, ...] = (*FAMILIES, "all")) -> str:
+    """Per object set around the input objects (e.g. Cells, Cytoplasm), each family's median r; '' if none.
+    ``key`` "around_real_masks": measured inside their real masks (Intensity and Texture)."""
+    objs = report.get(key) or []
     if not objs:
         return ""
-    keys = (*FAMILIES, "all")
-    lines = ["| method | " + " | ".join(f"{o} {k} r" for o in objs for k in keys) + " |",
-             "|" + "---|" * (1 + len(objs) * len(keys))]
+    lines = ["| method | " + " | ".join(f"{o} {k} r" for o in objs for k in families) + " |",
+             "|" + "---|" * (1 + len(objs) * len(families))]
     for name, r in report["results"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{r['around'][o][k]['median_r']:.2f}" for o in objs for k in keys)
+        lines.append(f"| {name} | " + " | ".join(f"{r[key][o][k]['median_r']:.2f}" for o in objs for k in families)
                      + " |")
-    return "\n".join(lines)
-
-
-def around_real_table(report: dict) -> str:
-    """Intensity and Texture median r of the objects around, measured inside their real masks; '' if not measured."""
-    objs = report.get("around_real_masks") or []
-    if not objs:
-        return ""
-    lines = ["| method | " + " | ".join(f"{o} {k} r" for o in objs for k in FAMILIES[1:]) + " |",
-             "|" + "---|" * (1 + 2 * len(objs))]
-    for name, r in report["results"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{r['around_real_masks'][o][k]['median_r']:.2f}"
-                                                 for o in objs for k in FAMILIES[1:]) + " |")
     return "\n".join(lines)
 
 
@@ -401,7 +392,7 @@ def around_real_paragraph(report: dict) -> str:
 object, as IdentifyTertiaryObjects makes it), as the objects' own are measured inside theirs: what each method draws in
 the cell, wherever the pipeline finds the cell in its crops.
 
-{around_real_table(report)}
+{around_table(report, "around_real_masks", FAMILIES[1:])}
 
 """
 
