@@ -108,6 +108,8 @@ def main() -> None:
           f"{threads or 'left alone (OMP_NUM_THREADS is set, or not a worker)'}")
     print(f"CP2Image {sum(counts) / sum(times.values()):.0f} cells/s over the image sets; whole analysis {wall:.0f} s")
     print(f"written: {', '.join(sorted(f.name for f in out.glob('CP2Image_*.tiff')))}")
+    for m in (measurements, result["measurements"]):  # CellProfiler removes their temporary HDF5 files on close only
+        m.close()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/module_overhead.py [--model M.safetensors | --speed-only cp2image-paper@68]
         [--batch-size 64] [--precision auto|fp32|bf16|fp16] [--fields 01_POS002 01_POS076 01_POS218]
+        [--among-neighbours]
 
 Runs pipelines/ExampleFly_CP2Image.cppipe headless on the ExampleFly fields (with the chosen model and batch
 size), reads CellProfiler's own per-module wall times, and prints CP2Image's cells/s, its share of the
@@ -65,6 +66,8 @@ def main() -> None:
                    help="the module's Precision setting, and the raw generator's (auto: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--speed-only", default=None, metavar="ARCH@CROP",
                    help="run a fresh-weights model of this architecture and crop size instead, e.g. cp2image-paper@68")
+    p.add_argument("--among-neighbours", action="store_true",
+                   help="the module's *Draw each object among its synthesized neighbours?* on (default: off)")
     a = p.parse_args()
     import torch
 
@@ -82,6 +85,14 @@ def main() -> None:
                                                                              if v == a.precision))):
             assert old in text, old
             text = text.replace(old, new)
+        if a.among_neighbours:  # the demo's module is saved at revision 2: state every later setting
+            old = "variable_revision_number:2|show_window:False|notes:[\"Synthesize each nucleus"
+            assert text.count(old) == 1, old
+            text = text.replace(old, old.replace(":2|", ":6|")).replace(
+                "    Name the synthetic field image:SyntheticField\n",
+                "    Name the synthetic field image:SyntheticField\n    Image bit depth:32-bit floating point\n"
+                "    Match each object's stated shape?:No\n    Fill the field between objects?:No\n"
+                "    Draw each object among its synthesized neighbours?:Yes\n")
         pipeline = Path(tmp) / "pipeline.cppipe"
         pipeline.write_text(text)
         images = Path(tmp) / "images"
@@ -114,7 +125,8 @@ def main() -> None:
           f"{synth.spec.n_channels}x{synth.spec.crop_size}x"
           f"{synth.spec.crop_size}, {flops / 1e6:.0f} MFLOP/cell dense; fp32 matmul {rate / 1e9:.0f} GFLOP/s "
           f"({torch.get_num_threads()} threads) -> roofline {roof:.0f} cells/s")
-    print(f"{int(cells.sum())} cells in {len(cp)} image sets; whole headless run {wall:.0f} s")
+    print(f"{int(cells.sum())} cells in {len(cp)} image sets; whole headless run {wall:.0f} s"
+          + ("; each object drawn among its synthesized neighbours" if a.among_neighbours else ""))
     print(f"CP2Image module: {cp.mean():.2f} s per image set, {module_rate:.0f} cells/s "
           f"({100 * cp.sum() / total:.1f}% of the pipeline's module time), {100 * module_rate / roof:.0f}% of roofline")
     print(f"raw generator at batch {a.batch_size}: {raw_rate:.0f} cells/s ({100 * raw_rate / roof:.0f}% of roofline)")

@@ -173,12 +173,14 @@ def object_centers(measurements, objects_name: str, n: int) -> np.ndarray:
 def synthesize_and_write(synth: Synthesizer, measurements, objects_name: str, labels: np.ndarray, *,
                          batch_size: int, folder: str, base: str, per_object: bool, overwrite: bool,
                          want_field: bool, fill_field: bool = False, keep: int = 6,
-                         bit_depth: int = 32) -> Synthesized:
+                         bit_depth: int = 32, among_neighbours: bool = False) -> Synthesized:
     """Synthesize every object of the image set batch by batch, streaming pages to disk.
 
     Memory stays bounded by the batch (plus the field image), whatever the number of objects. ``bit_depth`` 16
     writes uint16 pages (see ``to_pixels``), 32 float32 ones. ``fill_field`` composes the whole field
     (``FieldComposer``, radii from the objects' areas in ``labels``) instead of painting inside the outlines.
+    ``among_neighbours`` writes each object's crop cut from that composed field (its neighbours drawn from their own
+    features in their real places) instead of its own synthesized crop; objects without a centre keep their own.
     """
     spec = synth.spec
     n = int(labels.max()) if labels.size else 0
@@ -189,20 +191,38 @@ def synthesize_and_write(synth: Synthesizer, measurements, objects_name: str, la
              else [f"{base}.tiff"] if n else [])
     check_writable(out, names, overwrite)
     field = painter = composer = None
-    if want_field and fill_field:
+    if among_neighbours or (want_field and fill_field):
         radii = np.sqrt(np.bincount(labels.ravel(), minlength=n + 1)[1:n + 1] / np.pi)  # equivalent radii
         composer = FieldComposer(labels.shape, centers, radii, spec.crop_size, spec.n_channels)
-    elif want_field:
+    if want_field and not fill_field:
         field = np.zeros((*labels.shape, spec.n_channels), np.float32)
         painter = FieldPainter(labels, centers, spec.crop_size)
     gallery: list[np.ndarray] = []
+    composed_field = [None]  # the composed field, once cut_from_field has made it
 
-    def batches():
+    def synthesized():
         for start, images in synth.iter_generate(z, batch_size):
             if painter is not None:
                 painter.paint(images, start + 1, field)
             if composer is not None:
                 composer.add(images, start + 1)
+            yield start, images
+
+    def cut_from_field():
+        """Every object synthesized and composed first; then each crop cut from the field, a batch at a time."""
+        unplaced = ~np.isfinite(centers).all(1)
+        own = {start + i: image.copy() for start, images in synthesized() for i, image in enumerate(images)
+               if unplaced[start + i]}
+        composed = composed_field[0] = composer.field()
+        for start in range(0, n, batch_size):
+            images = crop_objects(composed, centers[start:start + batch_size], spec.crop_size)
+            for k in range(start, start + len(images)):
+                if k in own:
+                    images[k - start] = own[k]
+            yield start, images
+
+    def batches():
+        for start, images in cut_from_field() if among_neighbours else synthesized():
             gallery.extend(images[: max(0, keep - len(gallery))])
             yield start, images
 
@@ -215,8 +235,8 @@ def synthesize_and_write(synth: Synthesizer, measurements, objects_name: str, la
     elif n:
         _atomic_tiff(out / names[0], batches(), "TCYX", shape=(n, spec.n_channels, spec.crop_size, spec.crop_size),
                      dtype=dtype)
-    if composer is not None:
-        field = composer.field()
+    if want_field and fill_field:
+        field = composer.field() if composed_field[0] is None else composed_field[0]
     s = spec.crop_size
     return Synthesized(
         count=n, imputed=imputed, centers=centers,

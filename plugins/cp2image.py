@@ -143,7 +143,7 @@ def _core():
 class CP2Image(Module):
     module_name = "CP2Image"
     category = "Object Processing"
-    variable_revision_number = 5
+    variable_revision_number = 6
     doi = {  # noqa: RUF012  (CellProfiler reads this class attribute)
         "Please cite the following when using CP2Image:": "https://openreview.net/forum?id=4LqtcKZoKeB",
         "CellProfiler 4:": "https://doi.org/10.1186/s12859-021-04344-9",
@@ -185,6 +185,20 @@ class CP2Image(Module):
             "features and the DNA edge intensities lose about 0.1. About half as many cells per second on a CPU; "
             "under bfloat16 or float16 an edge can move by a pixel. Needs a *cp2image-decoder* model trained on those "
             "features (both shipped models are).",
+        )
+        self.among_neighbours = Binary(
+            "Draw each object among its synthesized neighbours?",
+            False,
+            doc="*No* (default): each object's image is synthesized from its own features alone; the model "
+            "guesses at its surroundings, where it draws the neighbours as dim averages. *Yes*: every object of "
+            "the image set is synthesized first and composed into one field (as *Fill the field between objects* "
+            "draws it), and each object's image is cut from that field around its centre, so its neighbours are the "
+            "image set's other objects, each drawn from its own features in its real place. Choose it when the "
+            "images will be segmented again: on ExampleFly's held-out field, re-segmented and re-measured as the "
+            "features pipeline does, the default model's *Cells* shape follows the input features at median r "
+            "CELLS_SHAPE and *Cytoplasm* shape at CYTO_SHAPE, the nucleus's features as well or better; a small "
+            "classifier tells its crops from real ones at C2ST_FIELD instead of C2ST_OWN. An object's image then "
+            "depends on the other objects in the image set; objects are written only once all are synthesized.",
         )
         self.device = Choice(
             "Compute device",
@@ -277,15 +291,15 @@ class CP2Image(Module):
         return [
             self.objects_name, self.model_choice, self.model_file, self.device, self.batch_size,
             self.precision, self.directory, self.file_layout, self.file_prefix, self.overwrite, self.wants_field,
-            self.field_name, self.bit_depth, self.match_shape, self.fill_field,
+            self.field_name, self.bit_depth, self.match_shape, self.fill_field, self.among_neighbours,
         ]
 
     def visible_settings(self):
         result = [self.objects_name, self.model_choice]
         if self.model_choice == MODEL_CUSTOM:
             result.append(self.model_file)
-        result += [self.match_shape, self.device, self.batch_size, self.precision, self.directory, self.file_layout,
-                   self.bit_depth, self.file_prefix, self.overwrite, self.wants_field]
+        result += [self.match_shape, self.among_neighbours, self.device, self.batch_size, self.precision,
+                   self.directory, self.file_layout, self.bit_depth, self.file_prefix, self.overwrite, self.wants_field]
         if self.wants_field:
             result += [self.field_name, self.fill_field]
         return result
@@ -303,6 +317,9 @@ class CP2Image(Module):
         if variable_revision_number == 4:  # revision 5 added Fill the field between objects, last
             setting_values = [*setting_values, "No"]
             variable_revision_number = 5
+        if variable_revision_number == 5:  # revision 6 added Draw each object among its synthesized neighbours, last
+            setting_values = [*setting_values, "No"]
+            variable_revision_number = 6
         return setting_values, variable_revision_number
 
     # ---- helpers ---------------------------------------------------------------------------
@@ -379,6 +396,7 @@ class CP2Image(Module):
             fill_field=self.fill_field.value,
             keep=GALLERY_SIZE if self.show_window else 0,
             bit_depth=BIT_DEPTHS[self.bit_depth.value],
+            among_neighbours=self.among_neighbours.value,
         )
         n = result.count
         measurements.add_image_measurement(f"FileName_{self.stack_name()}", result.file_name)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from cp2image_core.crops import compose_field
+from cp2image_core.crops import compose_field, crop_objects
 from cp2image_core.dataset import _numeric, _read_csv
 from cp2image_core.features import standardize
 from cp2image_core.modelfile import read_spec
@@ -283,12 +283,14 @@ def test_settings_visibility_and_revision():
     assert module.bit_depth in module.visible_settings() and module.bit_depth.value == BIT_DEPTH_FLOAT
     assert module.match_shape in module.visible_settings() and not module.match_shape.value
     assert module.fill_field in module.visible_settings() and not module.fill_field.value
+    assert module.among_neighbours in module.visible_settings() and not module.among_neighbours.value
     values = [s.value_text for s in module.settings()]
-    assert values[-2:] == ["No", "No"]
-    assert module.upgrade_settings(values, 5, "CP2Image") == (values, 5)
-    assert module.upgrade_settings(values[:-1], 4, "CP2Image") == (values, 5)
-    assert module.upgrade_settings(values[:-2], 3, "CP2Image") == (values, 5)
-    assert module.upgrade_settings(values[:-3], 2, "CP2Image") == ([*values[:-3], BIT_DEPTH_FLOAT, "No", "No"], 5)
+    assert values[-3:] == ["No", "No", "No"]
+    assert module.upgrade_settings(values, 6, "CP2Image") == (values, 6)
+    assert module.upgrade_settings(values[:-1], 5, "CP2Image") == (values, 6)
+    assert module.upgrade_settings(values[:-2], 4, "CP2Image") == (values, 6)
+    assert module.upgrade_settings(values[:-3], 3, "CP2Image") == (values, 6)
+    assert module.upgrade_settings(values[:-4], 2, "CP2Image") == ([*values[:-4], BIT_DEPTH_FLOAT, "No", "No", "No"], 6)
 
 
 def test_a_revision_1_pipeline_loads_with_automatic_precision():
@@ -307,7 +309,7 @@ def test_a_revision_1_pipeline_loads_with_automatic_precision():
     pipeline.loadtxt(io.StringIO(old), raise_on_error=True)
     (module,) = [m for m in pipeline.modules() if m.module_name == "CP2Image"]
     assert module.precision.value == PRECISION_AUTO and module.bit_depth.value == BIT_DEPTH_FLOAT
-    assert not module.match_shape.value
+    assert not module.match_shape.value and not module.among_neighbours.value
     assert module.batch_size.value == 48 and module.directory.dir_choice == "Default Output Folder"
     assert module.file_prefix.value == "CP2Image"
     pipeline = Pipeline()  # the demo pipeline as shipped (revision 2: no Image bit depth yet)
@@ -332,6 +334,39 @@ def test_filled_field_is_composed_from_the_written_stack(tiny_model, fly_export,
     c = spec.crop_size // 2
     assert np.allclose(field[30, 30], stack[0][:, c, c], atol=1e-3)
     assert np.all(field[labels == 0].max(-1) > 0)
+
+
+def test_among_neighbours_cuts_each_object_from_the_composed_field(tiny_model, fly_export, tmp_path):
+    """*Draw each object among its synthesized neighbours?* writes, in both layouts, each object's crop cut from the
+    field compose_field makes of the objects' own crops (the filled field image is that same field); an object
+    without a centre keeps its own crop."""
+    spec = read_spec(tiny_model)
+    raw = real_feature_rows(fly_export, spec, [0, 1, 2])
+    labels, centers = three_objects()
+    centers[1] = [50.0, 45.0]  # close to object 1: each object's crop holds part of the other
+    labels[labels == 2] = 0
+    yy, xx = np.mgrid[:120, :150]
+    labels[(xx - 50) ** 2 + (yy - 45) ** 2 <= 8 ** 2] = 2
+    centers[2] = np.nan  # no centre (e.g. a missing Location measurement): not placed in the field
+    runs = {}
+    for name, settings in (("own", {}), ("stack", {"among_neighbours": True, "wants_field": True, "fill_field": True}),
+                           ("files", {"among_neighbours": True, "file_layout": LAYOUT_OBJECT})):
+        out = tmp_path / name
+        out.mkdir()
+        module, ws = make_workspace(tiny_model, out, raw, spec, labels, centers, **settings)
+        module.run(ws)
+        files = sorted(out.glob("*.tiff"))
+        runs[name] = np.stack([tifffile.imread(str(f)) for f in files]).reshape(3, spec.n_channels, spec.crop_size, -1)
+        if name == "stack":
+            field = ws.image_set.get_image("SyntheticField").pixel_data
+    own = runs["own"]
+    radii = np.sqrt(np.bincount(labels.ravel())[1:] / np.pi)
+    composed = compose_field(own[:2], labels.shape, centers[:2], radii[:2])
+    assert np.allclose(field, composed, atol=1e-6)
+    cut = crop_objects(composed, centers[:2], spec.crop_size)
+    assert np.allclose(runs["stack"][:2], cut, atol=1e-6) and np.array_equal(runs["files"], runs["stack"])
+    assert np.array_equal(runs["stack"][2], own[2])
+    assert np.abs(runs["stack"][:2] - own[:2]).max() > 0.05  # the neighbour, and the drawn background, changed them
 
 
 def test_16_bit_stacks_hold_the_float_pixels_times_65535(tiny_model, fly_export, tmp_path):
