@@ -8,7 +8,7 @@ def _channels_last(image: np.ndarray) -> np.ndarray:
     return image[:, :, None] if image.ndim == 2 else image
 
 
-def crop_objects(image: np.ndarray, centers_xy: np.ndarray, size: int, chunk: int = 1024) -> np.ndarray:
+def crop_objects(image: np.ndarray, centers_xy: np.ndarray, size: int) -> np.ndarray:
     """(N, C, size, size) crops of ``image`` (H, W) or (H, W, C) centred on ``centers_xy`` (N, 2).
 
     Centres are CellProfiler's Location_Center_X/Y (column, row), rounded; the centre pixel lands at
@@ -22,17 +22,13 @@ def crop_objects(image: np.ndarray, centers_xy: np.ndarray, size: int, chunk: in
     if n == 0:
         return out
     half = size // 2
-    padded = np.zeros((h + 2 * size, w + 2 * size, c), dtype=np.float32)
-    padded[size:size + h, size:size + w] = img
-    cx = np.clip(np.nan_to_num(np.round(centers[:, 0])), -size, w + size).astype(np.int64)
-    cy = np.clip(np.nan_to_num(np.round(centers[:, 1])), -size, h + size).astype(np.int64)
-    offs = np.arange(size) - half + size
-    for s in range(0, n, chunk):
-        rows = (cy[s:s + chunk, None] + offs)[:, :, None]
-        cols = (cx[s:s + chunk, None] + offs)[:, None, :]
-        rows = np.clip(rows, 0, h + 2 * size - 1)
-        cols = np.clip(cols, 0, w + 2 * size - 1)
-        out[s:s + chunk] = padded[rows, cols].transpose(0, 3, 1, 2)
+    padded = np.zeros((c, h + 2 * size, w + 2 * size), dtype=np.float32)
+    padded[:, size:size + h, size:size + w] = img.transpose(2, 0, 1)
+    # top-left corners in the padded image; a crop wholly outside the image stays in the zero padding
+    top = np.clip(np.nan_to_num(np.round(centers[:, 1])), -size, h + size).astype(np.int64) - half + size
+    left = np.clip(np.nan_to_num(np.round(centers[:, 0])), -size, w + size).astype(np.int64) - half + size
+    for i, (y, x) in enumerate(zip(np.clip(top, 0, h + size).tolist(), np.clip(left, 0, w + size).tolist())):
+        out[i] = padded[:, y:y + size, x:x + size]  # a slice per crop: faster than one gather of every pixel
     return out
 
 
@@ -119,35 +115,41 @@ class FieldComposer:
     def add(self, crops: np.ndarray, first: int) -> None:
         """Add crop i (C, S, S) as object number ``first + i``; objects without a centre are skipped."""
         h, w = self.den.shape
-        s, idx = self.size, self._index
-        placed = np.isfinite(self.centers[first - 1:first - 1 + len(crops)]).all(1)
+        s = self.size
+        k = np.arange(first - 1, first - 1 + len(crops))
+        placed = np.isfinite(self.centers[k]).all(1)
         self.rims.extend(np.percentile(crops[placed][:, :, self._rim], 10, axis=2))  # once per batch
-        for i in np.flatnonzero(placed):
-            k, crop = first - 1 + i, crops[i]
-            x0, y0 = (np.round(self.centers[k]).astype(np.int64) - s // 2).tolist()
+        k, crops = k[placed], crops[placed]
+        corner = np.round(self.centers[k]).astype(np.int64) - s // 2  # each crop's top-left pixel: x0, y0
+        # the soft partition's weights for the whole batch at once: (n, S, S)
+        dy = self._index[None, :] + corner[:, 1:] - self.centers[k, 1:]
+        dx = self._index[None, :] + corner[:, :1] - self.centers[k, :1]
+        d2 = dy[:, :, None] ** 2 + dx[:, None, :] ** 2
+        r = self.radii[k][:, None, None]
+        member = 1 / (1 + np.exp((np.sqrt(d2) - r - self.grow) / self.edge))
+        weight = member * np.exp(-(d2 - r * r) / (2 * self.sigma ** 2))
+        pixels = crops.transpose(0, 2, 3, 1)
+        for i, (x0, y0) in enumerate(corner.tolist()):
             r0, r1, c0, c1 = max(0, y0), min(h, y0 + s), max(0, x0), min(w, x0 + s)
             if r0 >= r1 or c0 >= c1:
                 continue
-            window = np.s_[r0 - y0:r1 - y0, c0 - x0:c1 - x0]
-            d2 = ((idx[:, None] + y0 - self.centers[k, 1]) ** 2 + (idx[None, :] + x0 - self.centers[k, 0]) ** 2)[window]
-            r = self.radii[k]
-            member = 1 / (1 + np.exp((np.sqrt(d2) - r - self.grow) / self.edge))
-            weight = member * np.exp(-(d2 - r * r) / (2 * self.sigma ** 2))
-            pixels = crop[(slice(None), *window)].transpose(1, 2, 0)
-            self.num[r0:r1, c0:c1] += weight[:, :, None] * pixels
-            self.den[r0:r1, c0:c1] += weight
-            np.minimum(self.low[r0:r1, c0:c1], pixels, out=self.low[r0:r1, c0:c1])
-            np.maximum(self.member[r0:r1, c0:c1], member, out=self.member[r0:r1, c0:c1])
-            np.maximum(self.cover[r0:r1, c0:c1], self._fade[window], out=self.cover[r0:r1, c0:c1])
+            window, at = np.s_[r0 - y0:r1 - y0, c0 - x0:c1 - x0], np.s_[r0:r1, c0:c1]
+            wgt, px = weight[i][window], pixels[i][window]
+            self.num[at] += wgt[:, :, None] * px
+            self.den[at] += wgt
+            np.minimum(self.low[at], px, out=self.low[at])
+            np.maximum(self.member[at], member[i][window], out=self.member[at])
+            np.maximum(self.cover[at], self._fade[window], out=self.cover[at])
 
     def field(self) -> np.ndarray:
-        """The (H, W, C) float32 field composed so far."""
-        fill = np.percentile(self.rims, 10, axis=0) if self.rims else np.zeros(self.low.shape[2])
+        """The (H, W, C) float32 field composed so far (float64 only for the weighted mean's sums)."""
+        rims = np.percentile(self.rims, 10, axis=0) if self.rims else np.zeros(self.low.shape[2])
+        fill = rims.astype(np.float32)
         low = np.where(np.isfinite(self.low), self.low, fill)
-        background = self.cover[:, :, None] * low + (1 - self.cover[:, :, None]) * fill
-        mix = self.num / np.maximum(self.den, 1e-300)[:, :, None]
-        a = self.member[:, :, None]
-        return (a * mix + (1 - a) * background).astype(np.float32)
+        cover, a = self.cover[:, :, None], self.member[:, :, None]
+        background = cover * low + (1 - cover) * fill
+        mix = (self.num / np.maximum(self.den, 1e-300)[:, :, None]).astype(np.float32)
+        return a * mix + (1 - a) * background
 
 
 def compose_field(crops: np.ndarray, shape: tuple[int, int], centers_xy: np.ndarray, radii: np.ndarray,
