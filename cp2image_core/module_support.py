@@ -198,7 +198,6 @@ def synthesize_and_write(synth: Synthesizer, measurements, objects_name: str, la
         field = np.zeros((*labels.shape, spec.n_channels), np.float32)
         painter = FieldPainter(labels, centers, spec.crop_size)
     gallery: list[np.ndarray] = []
-    composed_field = [None]  # the composed field, once cut_from_field has made it
 
     def synthesized():
         for start, images in synth.iter_generate(z, batch_size):
@@ -210,15 +209,17 @@ def synthesize_and_write(synth: Synthesizer, measurements, objects_name: str, la
 
     def cut_from_field():
         """Every object synthesized and composed first; then each crop cut from the field, a batch at a time."""
+        nonlocal field
         unplaced = ~np.isfinite(centers).all(1)
         own = {start + i: image.copy() for start, images in synthesized() for i, image in enumerate(images)
                if unplaced[start + i]}
-        composed = composed_field[0] = composer.field()
+        composed = composer.field()
+        if want_field and fill_field:
+            field = composed
         for start in range(0, n, batch_size):
             images = crop_objects(composed, centers[start:start + batch_size], spec.crop_size)
-            for k in range(start, start + len(images)):
-                if k in own:
-                    images[k - start] = own[k]
+            for k in start + np.flatnonzero(unplaced[start:start + len(images)]):
+                images[k - start] = own[k]
             yield start, images
 
     def batches():
@@ -235,8 +236,8 @@ def synthesize_and_write(synth: Synthesizer, measurements, objects_name: str, la
     elif n:
         _atomic_tiff(out / names[0], batches(), "TCYX", shape=(n, spec.n_channels, spec.crop_size, spec.crop_size),
                      dtype=dtype)
-    if want_field and fill_field:
-        field = composer.field() if composed_field[0] is None else composed_field[0]
+    if want_field and fill_field and field is None:
+        field = composer.field()
     s = spec.crop_size
     return Synthesized(
         count=n, imputed=imputed, centers=centers,
