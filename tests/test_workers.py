@@ -15,14 +15,18 @@ from conftest import ROOT, copy_fields, run_cellprofiler
 
 def test_analysis_workers_write_what_a_headless_run_writes_and_share_the_cores(tmp_path):
     """Two worker processes, one image set each: the same stacks as one headless process, and each worker's
-    PyTorch uses its share of the physical cores (not one thread per core in every worker)."""
+    PyTorch uses its share of the physical cores (not one thread per core in every worker); the run leaves no
+    temporary measurements file behind (CellProfiler removes one only when it is closed)."""
     fields = ["01_POS002", "01_POS076"]
     out = tmp_path / "workers"
+    temp = tmp_path / "temp"
+    temp.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "analysis_workers.py"), "--workers", "2",
                            "--out", str(out), "--fields", *fields], capture_output=True, text=True, timeout=900,
-                          env={**env, "PYTHONPATH": str(ROOT)})
+                          env={**env, "PYTHONPATH": str(ROOT), "TMPDIR": str(temp)})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert not list(temp.glob("Cpmeasurements*")), sorted(p.name for p in temp.iterdir())
     threads = re.search(r"PyTorch threads per worker: (\{.*\})", proc.stdout)
     assert threads, proc.stdout
     per_worker = ast.literal_eval(threads.group(1))
