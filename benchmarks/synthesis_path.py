@@ -1,12 +1,14 @@
 """The module's synthesis path, outside CellProfiler, against the raw generator on this machine's device.
 
     python benchmarks/synthesis_path.py [--model weights/cp2image-default.safetensors] [--batch-size 64]
-        [--device auto|cpu|cuda] [--precision auto] [--field] [--bit-depth 32|16] [--export-dir ...]
+        [--device auto|cpu|cuda] [--precision auto] [--field] [--fill-field] [--among-neighbours]
+        [--bit-depth 32|16] [--export-dir ...]
 
 What CP2Image's ``run`` does for each image set once CellProfiler hands it the measurements
 (``module_support.synthesize_and_write``): read the model's features, standardize them, generate in batches
 (on CUDA each batch is written while the next one runs) and write the TIFF stack, pasting the synthetic field
-too with ``--field``. The measurements are the features pipeline's exported values of each ExampleFly image set,
+too with ``--field`` (composed between the objects with ``--fill-field``), each crop cut from the composed field
+with ``--among-neighbours``. The measurements are the features pipeline's exported values of each ExampleFly image set,
 served by a stand-in with CellProfiler's two calls, so this runs where CellProfiler is not installed (a GPU node's
 Python); inside a real pipeline, reading comes from CellProfiler's HDF5 store: `benchmarks/module_overhead.py`.
 Prints cells/s of the path and of the raw generator (``Synthesizer.generate`` on the same features and batch
@@ -88,6 +90,11 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument("--field", action="store_true", help="also paste the synthetic field (the module's option)")
+    p.add_argument("--fill-field", action="store_true",
+                   help="compose the synthetic field between the objects too (the module's Fill the field option)")
+    p.add_argument("--among-neighbours", action="store_true",
+                   help="cut each object's crop from the composed field (the module's Draw each object among its "
+                        "synthesized neighbours option)")
     p.add_argument("--bit-depth", type=int, default=32, choices=sorted(PIXEL_TYPES),
                    help="pixel type of the pages written: 32 float, 16 integer (the module's Image bit depth)")
     p.add_argument("--passes", type=int, default=3, help="timed passes after one warm-up; the best is kept")
@@ -98,9 +105,10 @@ def main() -> None:
     z_all = [standardize(read_feature_matrix(m, synth.spec, int(labels.max())), synth.spec, clip=False)[0]
              for m, labels in sets]
     name = torch.cuda.get_device_name() if synth.device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    field = "composed" if a.field and a.fill_field else "on" if a.field else "off"
+    among = "each object among its synthesized neighbours; " if a.among_neighbours else ""
     print(f"{Path(a.model).name} on {name}, precision {synth.amp or torch.float32}; {len(sets)} image sets, "
-          f"{cells} {a.objects}; synthetic field {'on' if a.field else 'off'}; {a.bit_depth}-bit pages; best of "
-          f"{a.passes} passes")
+          f"{cells} {a.objects}; synthetic field {field}; {among}{a.bit_depth}-bit pages; best of {a.passes} passes")
     print(f"{'batch':>5s} {'path cells/s':>12s} {'raw cells/s':>11s} {'path/raw':>8s} {'read s':>7s} "
           f"{'write s':>7s} {'raw s':>6s} {'path s':>6s}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,7 +118,8 @@ def main() -> None:
                     synthesize_and_write(synth, m, a.objects, labels, batch_size=bs, folder=tmp,
                                          base=f"CP2Image_{a.objects}_ImageSet{m.image_set_number:04d}",
                                          per_object=False, overwrite=True, want_field=a.field, keep=0,
-                                         bit_depth=a.bit_depth)
+                                         bit_depth=a.bit_depth, fill_field=a.fill_field,
+                                         among_neighbours=a.among_neighbours)
 
             def raw(bs: int = bs) -> None:
                 for z in z_all:

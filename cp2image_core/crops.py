@@ -22,13 +22,13 @@ def crop_objects(image: np.ndarray, centers_xy: np.ndarray, size: int) -> np.nda
     if n == 0:
         return out
     half = size // 2
-    padded = np.zeros((c, h + 2 * size, w + 2 * size), dtype=np.float32)
-    padded[:, size:size + h, size:size + w] = img.transpose(2, 0, 1)
-    # top-left corners in the padded image; a crop wholly outside the image stays in the zero padding
-    top = np.clip(np.nan_to_num(np.round(centers[:, 1])), -size, h + size).astype(np.int64) - half + size
-    left = np.clip(np.nan_to_num(np.round(centers[:, 0])), -size, w + size).astype(np.int64) - half + size
-    for i, (y, x) in enumerate(zip(np.clip(top, 0, h + size).tolist(), np.clip(left, 0, w + size).tolist())):
-        out[i] = padded[:, y:y + size, x:x + size]  # a slice per crop: faster than one gather of every pixel
+    # top-left corners in the image; a crop wholly outside the image stays zero
+    top = np.clip(np.clip(np.nan_to_num(np.round(centers[:, 1])), -size, h + size).astype(np.int64) - half, -size, h)
+    left = np.clip(np.clip(np.nan_to_num(np.round(centers[:, 0])), -size, w + size).astype(np.int64) - half, -size, w)
+    for i, (y, x) in enumerate(zip(top.tolist(), left.tolist())):  # a slice per crop: no padded copy of the image
+        y0, y1, x0, x1 = max(y, 0), min(y + size, h), max(x, 0), min(x + size, w)
+        if y0 < y1 and x0 < x1:
+            out[i, :, y0 - y:y1 - y, x0 - x:x1 - x] = img[y0:y1, x0:x1].transpose(2, 0, 1)
     return out
 
 
@@ -100,9 +100,10 @@ class FieldComposer:
         self.centers = np.asarray(centers_xy, dtype=np.float64).reshape(-1, 2)
         self.radii = np.nan_to_num(np.asarray(radii, dtype=np.float64).ravel(), nan=0.0).clip(0)
         self.size, self.grow, self.sigma, self.edge = size, grow, sigma, edge
-        self.num = np.zeros((h, w, n_channels))  # sum of weight x pixel (float64: weights reach 1e-50)
+        # channels first, as the crops are (the field is made channels-last only once, in ``field``)
+        self.num = np.zeros((n_channels, h, w))  # sum of weight x pixel (float64: weights reach 1e-50)
         self.den = np.zeros((h, w))
-        self.low = np.full((h, w, n_channels), np.inf, np.float32)  # darkest covering crop
+        self.low = np.full((n_channels, h, w), np.inf, np.float32)  # darkest covering crop
         self.member = np.zeros((h, w), np.float32)  # how surely the pixel lies in some object's cell
         self.cover = np.zeros((h, w), np.float32)  # how far inside some crop (1: at least ``fade`` pixels)
         self.rims: list[np.ndarray] = []  # each crop's outermost pixels' 10th percentile per channel
@@ -126,30 +127,37 @@ class FieldComposer:
         dx = self._index[None, :] + corner[:, :1] - self.centers[k, :1]
         d2 = dy[:, :, None] ** 2 + dx[:, None, :] ** 2
         r = self.radii[k][:, None, None]
-        member = 1 / (1 + np.exp((np.sqrt(d2) - r - self.grow) / self.edge))
+        member = 1 / (1 + np.exp(((np.sqrt(d2) - r - self.grow) / self.edge).astype(np.float32)))  # in [0, 1]
         weight = member * np.exp(-(d2 - r * r) / (2 * self.sigma ** 2))
-        pixels = crops.transpose(0, 2, 3, 1)
         for i, (x0, y0) in enumerate(corner.tolist()):
             r0, r1, c0, c1 = max(0, y0), min(h, y0 + s), max(0, x0), min(w, x0 + s)
             if r0 >= r1 or c0 >= c1:
                 continue
-            window, at = np.s_[r0 - y0:r1 - y0, c0 - x0:c1 - x0], np.s_[r0:r1, c0:c1]
-            wgt, px = weight[i][window], pixels[i][window]
-            self.num[at] += wgt[:, :, None] * px
+            window, at = np.s_[r0 - y0:r1 - y0, c0 - x0:c1 - x0], np.s_[r0:r1, c0:c1]  # in the crop, in the field
+            wgt, px, low = weight[i][window], crops[i][:, r0 - y0:r1 - y0, c0 - x0:c1 - x0], self.low[:, r0:r1, c0:c1]
+            self.num[:, r0:r1, c0:c1] += wgt * px
             self.den[at] += wgt
-            np.minimum(self.low[at], px, out=self.low[at])
+            np.minimum(low, px, out=low)
             np.maximum(self.member[at], member[i][window], out=self.member[at])
             np.maximum(self.cover[at], self._fade[window], out=self.cover[at])
 
     def field(self) -> np.ndarray:
         """The (H, W, C) float32 field composed so far (float64 only for the weighted mean's sums)."""
-        rims = np.percentile(self.rims, 10, axis=0) if self.rims else np.zeros(self.low.shape[2])
+        rims = np.percentile(self.rims, 10, axis=0) if self.rims else np.zeros(len(self.low))
         fill = rims.astype(np.float32)
-        low = np.where(np.isfinite(self.low), self.low, fill)
-        cover, a = self.cover[:, :, None], self.member[:, :, None]
-        background = cover * low + (1 - cover) * fill
-        mix = (self.num / np.maximum(self.den, 1e-300)[:, :, None]).astype(np.float32)
-        return a * mix + (1 - a) * background
+        out = np.empty((*self.den.shape, len(fill)), np.float32)
+        inverse = 1 / np.maximum(self.den, 1e-300)
+        for ch, low in enumerate(self.low):  # a channel at a time: no broadcasting over 3 interleaved channels
+            background = np.where(np.isfinite(low), low, fill[ch])
+            background -= fill[ch]
+            background *= self.cover
+            background += fill[ch]  # cover x low + (1 - cover) x fill
+            mix = (self.num[ch] * inverse).astype(np.float32)  # the weighted mean
+            mix -= background
+            mix *= self.member
+            mix += background  # member x mean + (1 - member) x background
+            out[:, :, ch] = mix
+        return out
 
 
 def compose_field(crops: np.ndarray, shape: tuple[int, int], centers_xy: np.ndarray, radii: np.ndarray,
