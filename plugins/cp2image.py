@@ -199,7 +199,7 @@ class CP2Image(Module):
             "0.71 instead of 0.48 and *Cytoplasm* shape at 0.74 instead of 0.40 (nearest neighbour: 0.74, 0.73), "
             "the nucleus's features as well or better; a small classifier tells its crops from real ones at 0.83 "
             "instead of 0.89. An object's image then depends on the other objects of the image set, and nothing is "
-            "written until all are synthesized; composing the field costs speed (on 2 CPU cores, 0.4x the cells "
+            "written until all are synthesized; composing the field costs speed (on 2 CPU cores, 0.6-0.8x the cells "
             "per second).",
         )
         self.device = Choice(
