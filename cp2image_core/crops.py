@@ -133,13 +133,13 @@ class FieldComposer:
             r0, r1, c0, c1 = max(0, y0), min(h, y0 + s), max(0, x0), min(w, x0 + s)
             if r0 >= r1 or c0 >= c1:
                 continue
-            window, at = np.s_[r0 - y0:r1 - y0, c0 - x0:c1 - x0], np.s_[r0:r1, c0:c1]  # in the crop, in the field
-            wgt, px, low = weight[i][window], crops[i][:, r0 - y0:r1 - y0, c0 - x0:c1 - x0], self.low[:, r0:r1, c0:c1]
+            rows, cols, at = slice(r0 - y0, r1 - y0), slice(c0 - x0, c1 - x0), np.s_[r0:r1, c0:c1]  # crop, field
+            wgt, px, low = weight[i, rows, cols], crops[i, :, rows, cols], self.low[:, r0:r1, c0:c1]
             self.num[:, r0:r1, c0:c1] += wgt * px
             self.den[at] += wgt
             np.minimum(low, px, out=low)
-            np.maximum(self.member[at], member[i][window], out=self.member[at])
-            np.maximum(self.cover[at], self._fade[window], out=self.cover[at])
+            np.maximum(self.member[at], member[i, rows, cols], out=self.member[at])
+            np.maximum(self.cover[at], self._fade[rows, cols], out=self.cover[at])
 
     def field(self) -> np.ndarray:
         """The (H, W, C) float32 field composed so far (float64 only for the weighted mean's sums)."""

@@ -30,6 +30,27 @@ def test_crop_is_centred_and_padded():
     assert np.all(crops[2, :, 9:, :] == 0)
 
 
+
+def test_crops_equal_a_padded_image_cut_pixel_by_pixel():
+    """Centres inside, on and beyond every edge, missing (NaN: the top-left pixel), odd and even sizes, integer
+    images: each crop is the zero-padded image around the rounded centre, as a plain per-pixel loop cuts it."""
+    rng = np.random.default_rng(7)
+    for size in (7, 8):
+        for img in (rng.random((9, 13, 2)).astype(np.float32), rng.integers(0, 9, (9, 13))):
+            h, w = img.shape[:2]
+            centers = np.concatenate([rng.uniform(-size - 3, w + size + 3, (40, 2)),
+                                      [[np.nan, 4.0], [0, 0], [w - 1, h - 1], [w, h], [-size, 2], [w + size, h]]])
+            crops = crop_objects(img, centers, size)
+            plane = img.reshape(h, w, -1)
+            for crop, (cx, cy) in zip(crops, np.nan_to_num(centers)):
+                expected = np.zeros_like(crop)
+                for i in range(size):
+                    for j in range(size):
+                        y, x = int(np.round(cy)) - size // 2 + i, int(np.round(cx)) - size // 2 + j
+                        if 0 <= y < h and 0 <= x < w:
+                            expected[:, i, j] = plane[y, x]
+                assert np.array_equal(crop, expected), (size, cx, cy)
+
 def test_paste_is_zero_outside_objects_and_matches_crop_inside():
     labels = np.zeros((40, 40), int)
     labels[5:10, 5:12] = 1
