@@ -91,7 +91,7 @@ def main() -> None:
     p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument("--field", action="store_true", help="also paste the synthetic field (the module's option)")
     p.add_argument("--fill-field", action="store_true",
-                   help="compose the synthetic field between the objects too (the module's Fill the field option)")
+                   help="with --field: compose the field between the objects too (the module's Fill the field option)")
     p.add_argument("--among-neighbours", action="store_true",
                    help="cut each object's crop from the composed field (the module's Draw each object among its "
                         "synthesized neighbours option)")
