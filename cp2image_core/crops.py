@@ -23,8 +23,8 @@ def crop_objects(image: np.ndarray, centers_xy: np.ndarray, size: int) -> np.nda
         return out
     half = size // 2
     # top-left corners in the image; a crop wholly outside the image stays zero
-    top = np.clip(np.clip(np.nan_to_num(np.round(centers[:, 1])), -size, h + size).astype(np.int64) - half, -size, h)
-    left = np.clip(np.clip(np.nan_to_num(np.round(centers[:, 0])), -size, w + size).astype(np.int64) - half, -size, w)
+    top = np.clip(np.nan_to_num(np.round(centers[:, 1])) - half, -size, h).astype(np.int64)
+    left = np.clip(np.nan_to_num(np.round(centers[:, 0])) - half, -size, w).astype(np.int64)
     for i, (y, x) in enumerate(zip(top.tolist(), left.tolist())):  # a slice per crop: no padded copy of the image
         y0, y1, x0, x1 = max(y, 0), min(y + size, h), max(x, 0), min(x + size, w)
         if y0 < y1 and x0 < x1:

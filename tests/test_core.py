@@ -30,7 +30,6 @@ def test_crop_is_centred_and_padded():
     assert np.all(crops[2, :, 9:, :] == 0)
 
 
-
 def test_crops_equal_a_padded_image_cut_pixel_by_pixel():
     """Centres inside, on and beyond every edge, missing (NaN: the top-left pixel), odd and even sizes, integer
     images: each crop is the zero-padded image around the rounded centre, as a plain per-pixel loop cuts it."""
@@ -50,6 +49,7 @@ def test_crops_equal_a_padded_image_cut_pixel_by_pixel():
                         if 0 <= y < h and 0 <= x < w:
                             expected[:, i, j] = plane[y, x]
                 assert np.array_equal(crop, expected), (size, cx, cy)
+
 
 def test_paste_is_zero_outside_objects_and_matches_crop_inside():
     labels = np.zeros((40, 40), int)
