@@ -127,7 +127,7 @@ def test_c2st_steps_must_train_the_classifier(capsys):
     assert "--c2st-steps 0" in capsys.readouterr().err
 
 
-@pytest.mark.timeout(1200)  # 332 s here (2026-12-07), plus the shared export's setup
+@pytest.mark.timeout(1200)  # 218-332 s here (2026-12-07), plus the shared export's setup
 def test_evaluate_on_real_cells(fly_export, tiny_model, tmp_path):
     out = tmp_path / "report"
     rc = evaluate_main(["--models", str(tiny_model), "--export-dir", str(fly_export), "--max-cells", "80",
@@ -207,7 +207,7 @@ def test_evaluate_on_real_cells(fly_export, tiny_model, tmp_path):
         assert (out / f).exists(), f
 
 
-# 695 s here on 2 quiet cores (2026-12-07); over 900 s on one CI machine: the hang guard sits at 2.5x this
+# 584-720 s on this 2-core machine (2026-12-07, its speed drifting), over 900 s on one CI machine: 2.5x headroom
 @pytest.mark.timeout(1800)
 def test_shipped_models_keep_their_feature_preservation_and_realism(fly_export, tmp_path):
     """Regression guard: both shipped models on the held-out field 01_POS002 (image set 1), re-measured by
