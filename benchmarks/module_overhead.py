@@ -7,13 +7,16 @@
 Runs pipelines/ExampleFly_CP2Image.cppipe headless on the ExampleFly fields (with the chosen model and batch
 size), reads CellProfiler's own per-module wall times, and prints CP2Image's cells/s, its share of the
 pipeline's time, the ratio to the raw generator's cells/s at the same batch size measured right after, and both
-as a % of the roofline: this machine's fp32 matmul rate (measured before and after the run) / dense FLOPs per
-cell. ``--speed-only ARCH@CROP`` writes a model file with fresh weights (speed does not depend on them; its
+as a % of the roofline: this machine's fp32 matmul rate (measured before and after the run; the faster of MKL's
+GEMM and oneDNN's) / dense FLOPs per cell. CellProfiler runs with ``-L DEBUG``, so that the module logs how its
+time splits (reading the features, the generator, composing the synthetic field, writing), which is printed too.
+``--speed-only ARCH@CROP`` writes a model file with fresh weights (speed does not depend on them; its
 images mean nothing) with the shipped model's features and channels.
 """
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import subprocess
 import sys
@@ -101,7 +104,7 @@ def main() -> None:
             for ch in "DFR":
                 shutil.copy(src / f"{f}_{ch}.TIF", images)
         t = time.time()
-        proc = subprocess.run([str(Path(sys.executable).parent / "cellprofiler"), "-c", "-r", "-p",
+        proc = subprocess.run([str(Path(sys.executable).parent / "cellprofiler"), "-c", "-r", "-L", "DEBUG", "-p",
                                str(pipeline), "--plugins-directory",
                                str(ROOT / "plugins"), "-i", str(images), "-o", str(Path(tmp) / "out")],
                               capture_output=True, text=True, check=True)
@@ -113,6 +116,7 @@ def main() -> None:
         synth = load_synthesizer_uncached(model, "auto", a.precision)
         load_s = time.perf_counter() - t
     times = module_times(proc.stdout + proc.stderr)
+    steps = step_times(proc.stdout + proc.stderr)
     cp = np.array(times["CP2Image"])
     total = sum(sum(v) for v in times.values())
     module_rate = cells.sum() / cp.sum()
@@ -124,6 +128,7 @@ def main() -> None:
     print(f"model {model.name} [{synth.spec.arch}], precision {a.precision} ({synth.amp or torch.float32}) "
           f"{synth.spec.n_channels}x{synth.spec.crop_size}x"
           f"{synth.spec.crop_size}, {flops / 1e6:.0f} MFLOP/cell dense; fp32 matmul {rate / 1e9:.0f} GFLOP/s "
+          f"(MKL's or oneDNN's, the faster) "
           f"({torch.get_num_threads()} threads) -> roofline {roof:.0f} cells/s")
     print(f"{int(cells.sum())} cells in {len(cp)} image sets; whole headless run {wall:.0f} s"
           + ("; each object drawn among its synthesized neighbours" if a.among_neighbours else ""))
@@ -137,6 +142,22 @@ def main() -> None:
         steady = cells[1:].sum() / cp[1:].sum()
         print(f"after the first image set ({cp[0]:.2f} s): {steady:.0f} cells/s, module / raw = "
               f"{steady / raw_rate:.2f} (overhead {100 * (raw_rate / steady - 1):.0f}%)")
+    if len(steps) == len(cp):  # the module's own split of its time (its debug log line per image set)
+        total_steps = {k: sum(row[k] for row in steps) for k in steps[0]}
+        outside = cp.sum() - sum(total_steps.values())
+        print("where CP2Image's time goes (all image sets): " + ", ".join(
+            f"{k} {v:.3f} s ({100 * v / cp.sum():.0f}%)" for k, v in total_steps.items())
+            + f", outside synthesize_and_write {outside:.3f} s ({100 * outside / cp.sum():.0f}%); the generator "
+            f"inside the module {cells.sum() / total_steps['generate']:.0f} cells/s")
+
+
+STEP = re.compile(r"CP2Image: image set \d+, \d+ \w+: (.*)")
+
+
+def step_times(log_text: str) -> list[dict[str, float]]:
+    """Seconds per step of each image set, from the module's debug log line (``synthesize_and_write``'s split)."""
+    return [{k: float(v) for k, v in re.findall(r"([a-z ]+?) ([\d.]+) s(?:, |$)", m.group(1))}
+            for m in STEP.finditer(log_text)]
 
 
 def _rate(synth, z: np.ndarray, batch_size: int) -> float:

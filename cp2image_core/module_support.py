@@ -7,8 +7,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import weakref
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 
 import h5py
@@ -105,6 +107,8 @@ class Synthesized:
     file_name: str  # the stack written, the per-object pattern, or "" when there were no objects
     field: np.ndarray | None  # (H, W, C) synthetic field, when asked for
     gallery: np.ndarray  # (k, C, S, S) the first synthesized images, for the module's display
+    # wall seconds by step: "read features", "generate", "compose" (the synthetic field), "write" (and the rest)
+    seconds: dict[str, float] = dataclass_field(default_factory=dict)
 
 
 _OPEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # measurements store -> {feature: open dataset}
@@ -182,10 +186,13 @@ def synthesize_and_write(synth: Synthesizer, measurements, objects_name: str, la
     ``among_neighbours`` writes each object's crop cut from that composed field (its neighbours drawn from their own
     features in their real places) instead of its own synthesized crop; objects without a centre keep their own.
     """
+    began = time.perf_counter()
+    seconds = dict.fromkeys(("read features", "generate", "compose", "write"), 0.0)
     spec = synth.spec
     n = int(labels.max()) if labels.size else 0
     centers = object_centers(measurements, objects_name, n)
     z, imputed = standardize(read_feature_matrix(measurements, spec, n), spec, clip=False)
+    seconds["read features"] = time.perf_counter() - began
     out = Path(folder)
     names = ([f"{base}_Object{k:04d}.tiff" for k in range(1, n + 1)] if per_object
              else [f"{base}.tiff"] if n else [])
@@ -200,12 +207,17 @@ def synthesize_and_write(synth: Synthesizer, measurements, objects_name: str, la
     gallery: list[np.ndarray] = []
 
     def synthesized():
-        for start, images in synth.iter_generate(z, batch_size):
+        batches, t = synth.iter_generate(z, batch_size), time.perf_counter()
+        for start, images in batches:
+            seconds["generate"] += time.perf_counter() - t
+            t = time.perf_counter()
             if painter is not None:
                 painter.paint(images, start + 1, field)
             if composer is not None:
                 composer.add(images, start + 1)
+            seconds["compose"] += time.perf_counter() - t
             yield start, images
+            t = time.perf_counter()
 
     def cut_from_field():
         """Every object synthesized and composed first; then each crop cut from the field, a batch at a time."""
@@ -213,13 +225,17 @@ def synthesize_and_write(synth: Synthesizer, measurements, objects_name: str, la
         unplaced = ~np.isfinite(centers).all(1)
         own = {start + i: image.copy() for start, images in synthesized() for i, image in enumerate(images)
                if unplaced[start + i]}
+        t = time.perf_counter()
         composed = composer.field()
+        seconds["compose"] += time.perf_counter() - t
         if want_field and fill_field:
             field = composed
         for start in range(0, n, batch_size):
+            t = time.perf_counter()
             images = crop_objects(composed, centers[start:start + batch_size], spec.crop_size)
             for k in start + np.flatnonzero(unplaced[start:start + len(images)]):
                 images[k - start] = own[k]
+            seconds["compose"] += time.perf_counter() - t
             yield start, images
 
     def batches():
@@ -237,12 +253,16 @@ def synthesize_and_write(synth: Synthesizer, measurements, objects_name: str, la
         _atomic_tiff(out / names[0], batches(), "TCYX", shape=(n, spec.n_channels, spec.crop_size, spec.crop_size),
                      dtype=dtype)
     if want_field and fill_field and field is None:
+        t = time.perf_counter()
         field = composer.field()
+        seconds["compose"] += time.perf_counter() - t
     s = spec.crop_size
+    seconds["write"] = time.perf_counter() - began - sum(seconds.values())
     return Synthesized(
         count=n, imputed=imputed, centers=centers,
         file_name=(f"{base}_Object####.tiff" if per_object and n else names[0] if names else ""),
         field=field, gallery=np.stack(gallery) if gallery else np.zeros((0, spec.n_channels, s, s), np.float32),
+        seconds=seconds,
     )
 
 

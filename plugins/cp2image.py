@@ -401,6 +401,8 @@ class CP2Image(Module):
             among_neighbours=self.among_neighbours.value,
         )
         n = result.count
+        LOGGER.debug("CP2Image: image set %d, %d %s: %s", image_number, n, objects_name,
+                     ", ".join(f"{step} {t:.4f} s" for step, t in result.seconds.items()))
         measurements.add_image_measurement(f"FileName_{self.stack_name()}", result.file_name)
         measurements.add_image_measurement(f"PathName_{self.stack_name()}", folder)
         measurements.add_image_measurement(f"{CATEGORY}_Count_{objects_name}", n)

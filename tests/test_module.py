@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import re
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,26 @@ def test_module_writes_stack_measurements_and_field(tiny_model, fly_export, tmp_
     cols = module.get_measurement_columns(None)
     assert ("Nuclei", "CP2Image_StackIndex", "integer") in cols
     assert module.get_measurements(None, "Nuclei", "CP2Image") == ["StackIndex", "ImputedFeatures"]
+
+
+@pytest.mark.parametrize("among_neighbours", [False, True])
+def test_module_logs_how_its_time_splits(tiny_model, fly_export, tmp_path, caplog, among_neighbours):
+    """The debug line benchmarks/module_overhead.py reads: every step timed, together no more than the run."""
+    spec = read_spec(tiny_model)
+    labels, centers = three_objects()
+    module, ws = make_workspace(tiny_model, tmp_path, real_feature_rows(fly_export, spec, [0, 1, 2]), spec, labels,
+                                centers, wants_field=True, among_neighbours=among_neighbours)
+    caplog.set_level("DEBUG", logger="cp2image")
+    began = time.perf_counter()
+    module.run(ws)
+    wall = time.perf_counter() - began
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("CP2Image: image set 1, 3 Nuclei: ")]
+    assert len(lines) == 1, caplog.text
+    steps = dict(re.findall(r"([a-z ]+?) ([\d.]+) s(?:, |$)", lines[0].split(": ", 2)[2]))
+    assert list(steps) == ["read features", "generate", "compose", "write"]
+    seconds = {k: float(v) for k, v in steps.items()}
+    assert seconds["generate"] > 0 and seconds["write"] > 0 and min(seconds.values()) >= 0
+    assert sum(seconds.values()) <= wall + 0.0004  # each rounded to 0.1 ms
 
 
 def test_module_per_object_files_and_no_silent_overwrite(tiny_model, fly_export, tmp_path):
@@ -447,6 +468,7 @@ def test_module_loads_without_torch_and_says_what_to_install():
 import io
 import re
 import sys
+import time
 sys.modules['torch'] = None  # as if PyTorch were not installed
 sys.path.insert(0, {str(ROOT / 'plugins')!r})
 import cellprofiler_core.preferences as p; p.set_headless()
