@@ -47,11 +47,7 @@ def matmul_rates(device: torch.device, n: int = 2048, reps: int = 10,
     if device.type == "cuda":  # a GPU needs a larger product to be busy
         n, reps = max(n, 8192), max(reps, 20)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    paths = {"gemm": lambda: a @ b}
-    if device.type == "cpu":
-        x = a.T[None, :, :, None].contiguous(memory_format=torch.channels_last)  # (1, n channels, n pixels, 1)
-        w = b.T[:, :, None, None].contiguous(memory_format=torch.channels_last)
-        paths["onednn"] = lambda: torch.nn.functional.conv2d(x, w)
+    paths = matmul_paths(a, b)
     rates = {}
     with torch.inference_mode():
         for name, fn in paths.items():
@@ -64,6 +60,17 @@ def matmul_rates(device: torch.device, n: int = 2048, reps: int = 10,
             _sync(device)
             rates[name] = 2 * n ** 3 * reps / (time.perf_counter() - t)
     return rates
+
+
+def matmul_paths(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """Callables giving ``a @ b`` (m x n) per library: MKL's GEMM and, on the CPU, oneDNN's 1x1 convolution of the
+    k channels of m pixels (a, m x k) with n filters (b, k x n)."""
+    paths = {"gemm": lambda: a @ b}
+    if a.device.type == "cpu":
+        x = a.T[None, :, :, None].contiguous(memory_format=torch.channels_last)  # (1, k channels, m pixels, 1)
+        w = b.T[:, :, None, None].contiguous(memory_format=torch.channels_last)  # (n, k, 1, 1)
+        paths["onednn"] = lambda: torch.nn.functional.conv2d(x, w)[0, :, :, 0].T
+    return paths
 
 
 def _sync(device):

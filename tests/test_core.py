@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -493,3 +495,19 @@ def test_16_bit_pixels_are_clipped_and_rounded_to_cellprofilers_scale():
     values = np.array([-0.1, 0.0, 0.4 / 65535, 0.6 / 65535, 0.5, 1.0, 1.2], np.float32)
     assert to_pixels(values, np.uint16).tolist() == [0, 0, 0, 1, 32768, 65535, 65535]
     assert to_pixels(values).dtype == np.float32 and np.array_equal(to_pixels(values), values)
+
+
+def test_the_roofline_times_the_same_matrix_product_in_each_library():
+    """benchmarks/generator_throughput.py's ceiling: MKL's GEMM and oneDNN's 1x1 convolution compute a @ b."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from generator_throughput import matmul_paths, matmul_rate, matmul_rates
+
+    a, b = torch.randn(96, 80), torch.randn(80, 112)
+    paths = matmul_paths(a, b)
+    assert sorted(paths) == ["gemm", "onednn"]
+    with torch.inference_mode():
+        for fn in paths.values():
+            assert torch.allclose(fn(), a @ b, atol=1e-4)
+    rates = matmul_rates(torch.device("cpu"), n=128, reps=2)
+    assert sorted(rates) == ["gemm", "onednn"] and min(rates.values()) > 0
+    assert matmul_rate(torch.device("cpu"), n=128, reps=2) > 0
