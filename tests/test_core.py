@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cp2image_core import archs
+from cp2image_core.archs import paper
 from cp2image_core.archs.decoder import match_object_intensity, match_object_shape
 from cp2image_core.archs.paper import paper_sizes
 from cp2image_core.crops import FieldComposer, FieldPainter, compose_field, crop_objects, paste_into_objects
@@ -472,11 +473,11 @@ def test_fast_paper_generator_equals_the_dense_one():
         gen(torch.randn(16, 40))  # move the batch-norm statistics
     gen.eval()
     assert gen.exact_doubling
-    z = torch.randn(6, 40)
+    z = torch.randn(2 * paper.CPU_CHUNK + 6, 40)  # on the CPU: two whole chunks and a part of one
     with torch.no_grad():
         dense = gen.net(z[:, :, None, None])
         fast = gen(z)
-    assert fast.shape == dense.shape == (6, 3, 68, 68)
+    assert fast.shape == dense.shape == (len(z), 3, 68, 68)
     assert torch.allclose(fast, dense, atol=1e-5, rtol=1e-4)
     # folded weights are cached: a weight changed in place (training, load_state_dict) invalidates them
     with torch.no_grad():
