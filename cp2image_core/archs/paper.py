@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from . import register
 from .layers import phase_shuffle
 
-CPU_CHUNK = 16  # cells per pass of the eval path on a CPU (8: 0.93x, 32: 0.94x, 64: 0.57x the cells/s of 16)
+CPU_CHUNK = 16  # cells per pass of the eval path on a CPU (unchunked, batches of 8 / 32 / 64 ran at 0.93 / 0.94 /
+# 0.57-0.89x the cells/s of 16 on a 2-core Zen 5)
 
 # Nearest x2 up-sampling, zero padding 4 and a valid 5x5 conv equal, per output phase (row and column
 # parity), a 3x3 conv of the low-resolution input padded by 2 whose taps sum groups of the 5x5 taps.
@@ -75,8 +76,7 @@ class PaperGenerator(nn.Module):
         into the convs once (cached until a weight changes); maps stay channels-last for the CPU's conv kernels, each
         phase conv's channels in (row phase, column phase, channel) order, so that a shuffle is one copy of runs of
         2C values (PyTorch's pixel_shuffle copies single values), and the last one writes the NCHW output with the ReLU.
-        On a CPU a batch runs in chunks of ``CPU_CHUNK`` cells, whose maps stay in cache (at 68x68 a batch of 64 ran
-        at 0.57x the cells/s of one of 16).
+        On a CPU a batch runs in chunks of ``CPU_CHUNK`` cells, whose maps stay in cache.
         """
         folded = self._folded()
         chunk = CPU_CHUNK if z.device.type == "cpu" else len(z)
@@ -87,6 +87,7 @@ class PaperGenerator(nn.Module):
 
     @staticmethod
     def _fast_chunk(z: torch.Tensor, w1, b1, phases, out_conv) -> torch.Tensor:
+        """``forward_fast`` on one chunk, with the folded weights."""
         w_out, b_out = out_conv
         x = torch.addmm(b1, z, w1).view(len(z), 5, 5, -1).permute(0, 3, 1, 2)  # channels-last (N, C, 5, 5)
         x = F.leaky_relu(x, 0.01)
