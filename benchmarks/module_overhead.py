@@ -9,7 +9,8 @@ size), reads CellProfiler's own per-module wall times, and prints CP2Image's cel
 pipeline's time, the ratio to the raw generator's cells/s at the same batch size measured right after, and both
 as a % of the roofline: this machine's fp32 matmul rate (measured before and after the run; the faster of MKL's
 GEMM and oneDNN's) / dense FLOPs per cell. CellProfiler runs with ``-L DEBUG``, so that the module logs how its
-time splits (reading the features, the generator, composing the synthetic field, writing), which is printed too.
+time splits (loading the model, reading the features, the generator, composing the synthetic field, writing),
+which is printed too.
 ``--speed-only ARCH@CROP`` writes a model file with fresh weights (speed does not depend on them; its
 images mean nothing) with the shipped model's features and channels.
 """
@@ -143,11 +144,12 @@ def main() -> None:
         print(f"after the first image set ({cp[0]:.2f} s): {steady:.0f} cells/s, module / raw = "
               f"{steady / raw_rate:.2f} (overhead {100 * (raw_rate / steady - 1):.0f}%)")
     if len(steps) == len(cp):  # the module's own split of its time (its debug log line per image set)
+        print(f"model load inside CellProfiler (first image set): {steps[0]['load model']:.3f} s")
         total_steps = {k: sum(row[k] for row in steps) for k in steps[0]}
         outside = cp.sum() - sum(total_steps.values())
         print("where CP2Image's time goes (all image sets): " + ", ".join(
             f"{k} {v:.3f} s ({100 * v / cp.sum():.0f}%)" for k, v in total_steps.items())
-            + f", outside synthesize_and_write {outside:.3f} s ({100 * outside / cp.sum():.0f}%); the generator "
+            + f", the rest of the module's run {outside:.3f} s ({100 * outside / cp.sum():.0f}%); the generator "
             f"inside the module {cells.sum() / total_steps['generate']:.0f} cells/s")
 
 
