@@ -9,6 +9,7 @@ import os
 import sys
 import time
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
@@ -210,12 +211,11 @@ def synthesize_and_write(synth: Synthesizer, measurements, objects_name: str, la
         batches, t = synth.iter_generate(z, batch_size), time.perf_counter()
         for start, images in batches:
             seconds["generate"] += time.perf_counter() - t
-            t = time.perf_counter()
-            if painter is not None:
-                painter.paint(images, start + 1, field)
-            if composer is not None:
-                composer.add(images, start + 1)
-            seconds["compose"] += time.perf_counter() - t
+            with adding_time(seconds, "compose"):
+                if painter is not None:
+                    painter.paint(images, start + 1, field)
+                if composer is not None:
+                    composer.add(images, start + 1)
             yield start, images
             t = time.perf_counter()
 
@@ -225,17 +225,15 @@ def synthesize_and_write(synth: Synthesizer, measurements, objects_name: str, la
         unplaced = ~np.isfinite(centers).all(1)
         own = {start + i: image.copy() for start, images in synthesized() for i, image in enumerate(images)
                if unplaced[start + i]}
-        t = time.perf_counter()
-        composed = composer.field()
-        seconds["compose"] += time.perf_counter() - t
+        with adding_time(seconds, "compose"):
+            composed = composer.field()
         if want_field and fill_field:
             field = composed
         for start in range(0, n, batch_size):
-            t = time.perf_counter()
-            images = crop_objects(composed, centers[start:start + batch_size], spec.crop_size)
-            for k in start + np.flatnonzero(unplaced[start:start + len(images)]):
-                images[k - start] = own[k]
-            seconds["compose"] += time.perf_counter() - t
+            with adding_time(seconds, "compose"):
+                images = crop_objects(composed, centers[start:start + batch_size], spec.crop_size)
+                for k in start + np.flatnonzero(unplaced[start:start + len(images)]):
+                    images[k - start] = own[k]
             yield start, images
 
     def batches():
@@ -253,9 +251,8 @@ def synthesize_and_write(synth: Synthesizer, measurements, objects_name: str, la
         _atomic_tiff(out / names[0], batches(), "TCYX", shape=(n, spec.n_channels, spec.crop_size, spec.crop_size),
                      dtype=dtype)
     if want_field and fill_field and field is None:
-        t = time.perf_counter()
-        field = composer.field()
-        seconds["compose"] += time.perf_counter() - t
+        with adding_time(seconds, "compose"):
+            field = composer.field()
     s = spec.crop_size
     seconds["write"] = time.perf_counter() - began - sum(seconds.values())
     return Synthesized(
@@ -264,6 +261,16 @@ def synthesize_and_write(synth: Synthesizer, measurements, objects_name: str, la
         field=field, gallery=np.stack(gallery) if gallery else np.zeros((0, spec.n_channels, s, s), np.float32),
         seconds=seconds,
     )
+
+
+@contextmanager
+def adding_time(seconds: dict[str, float], step: str):
+    """Add the wall time of the ``with`` block to ``seconds[step]``."""
+    began = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[step] += time.perf_counter() - began
 
 
 def check_writable(out: Path, names: list[str], overwrite: bool) -> None:
