@@ -79,7 +79,9 @@ def _sync(device):
 
 
 def flops_per_cell(gen: torch.nn.Module, n_features: int) -> float:
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    """Multiply-adds x 2 per cell, counted on the autograd path: oneDNN's fused inference ops (``packed_linear``)
+    are not seen by PyTorch's counter."""
+    with FlopCounterMode(display=False) as counter, torch.enable_grad():
         gen(torch.zeros(4, n_features))
     return counter.get_total_flops() / 4
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cp2image_core import archs
-from cp2image_core.archs import paper
+from cp2image_core.archs import layers, paper
 from cp2image_core.archs.decoder import match_object_intensity, match_object_shape
 from cp2image_core.archs.paper import paper_sizes
 from cp2image_core.crops import FieldComposer, FieldPainter, compose_field, crop_objects, paste_into_objects
@@ -214,6 +214,44 @@ def test_anchored_calibrated_decoder_inference_path_equals_its_autograd_path():
     assert fast.shape == (6, 2, 32, 32) and fast.is_contiguous()
     assert torch.allclose(fast, autograd, atol=1e-5)
     assert autograd.std() > 0.01 and not torch.allclose(autograd[:3], autograd[3:], atol=1e-3)
+    # the output and smooth convs' phase weights are cached: weights changed in place (load_state_dict) renew them
+    gen = build_generator(spec).eval().to(memory_format=torch.channels_last)  # weights autograd can use
+    with torch.inference_mode():
+        before = gen(z)  # the cache made
+        assert torch.equal(gen(z), before)  # and used
+    with torch.no_grad():
+        gen.smooth.weight.mul_(-2.0)
+        gen.out.bias.add_(0.3)
+    autograd2 = gen(z).detach()
+    with torch.inference_mode():
+        fast2 = gen(z)
+    assert not torch.allclose(fast2, before, atol=1e-3)
+    assert torch.allclose(fast2, autograd2, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="a PyTorch without oneDNN")
+def test_packed_linear_is_the_linear_layer_and_its_activation():
+    """oneDNN's fused linear with a pre-packed weight: same values as nn.Linear + the activation, renewed when the
+    weight changes in place, dropped with the weight, and not used where autograd or autocast is on."""
+    torch.manual_seed(0)
+    linear, x = torch.nn.Linear(20, 30), torch.randn(5, 20)
+    with torch.inference_mode():
+        silu = layers.packed_linear(linear.weight, linear.bias, "swish")
+        leaky = layers.packed_linear(linear.weight, None, "leaky_relu", (0.1,))
+        assert torch.allclose(silu(x), torch.nn.functional.silu(linear(x)), atol=1e-5)
+        assert torch.allclose(leaky(x), torch.nn.functional.leaky_relu(x @ linear.weight.T, 0.1), atol=1e-5)
+        with torch.no_grad():
+            linear.weight.mul_(-3.0)
+        renewed = layers.packed_linear(linear.weight, linear.bias, "swish")(x)
+        assert torch.allclose(renewed, torch.nn.functional.silu(linear(x)), atol=1e-5)
+        assert not torch.allclose(renewed, silu(x), atol=1e-3)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layers.packed_linear(linear.weight, linear.bias) is None
+    assert layers.packed_linear(linear.weight, linear.bias) is None  # autograd on
+    key = id(linear.weight)
+    assert key in layers._PACKED
+    del linear
+    assert key not in layers._PACKED
 
 
 def test_decoder_icnr_starts_without_a_checkerboard():
