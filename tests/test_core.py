@@ -247,11 +247,12 @@ def test_packed_linear_is_the_linear_layer_and_its_activation():
         assert not torch.allclose(renewed, silu(x), atol=1e-3)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert layers.packed_linear(linear.weight, linear.bias) is None
+        assert layers.packed_linear(linear.weight, linear.bias, "no-such-activation") is None  # oneDNN refuses it
     assert layers.packed_linear(linear.weight, linear.bias) is None  # autograd on
-    key = id(linear.weight)
-    assert key in layers._PACKED
+    keys = [k for k in layers._PACKED if k[0] == id(linear.weight)]
+    assert len(keys) == 3  # swish, leaky_relu and the refused one
     del linear
-    assert key not in layers._PACKED
+    assert not set(keys) & set(layers._PACKED)
 
 
 def test_decoder_icnr_starts_without_a_checkerboard():

@@ -6,9 +6,10 @@ from typing import Callable
 
 import torch
 
-# pre-packed weights by id of the weight tensor: (the weight, its version when packed, the packed copy); outside the
-# modules, so that nothing oneDNN-specific is copied, pickled or saved with them; an entry goes with its weight
-_PACKED: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+# pre-packed weights by (id of the weight tensor, activation, scalars): (the weight, its version when packed, the packed
+# copy or None where oneDNN failed); outside the modules, so that nothing oneDNN-specific is copied, pickled or saved
+# with them; an entry goes with its weight
+_PACKED: dict[tuple, tuple[weakref.ref, int, torch.Tensor | None]] = {}
 
 
 def phase_shuffle(y: torch.Tensor) -> torch.Tensor:
@@ -25,23 +26,28 @@ def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None, activation: s
                   scalars: tuple = ()) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """``activation(x @ weight.T + bias)`` as oneDNN's fused linear with ``weight`` (out, in) packed once into its
     blocked layout, or None where that path does not apply (not an fp32 CPU tensor, autocast on, autograd on, or a
-    PyTorch without oneDNN). ``activation``: oneDNN's name ("swish" is SiLU, "leaky_relu" takes its slope in
-    ``scalars``). On a 2-core Zen 5 the default model's two-layer MLP ran 2.3-2.9x faster than through ``nn.Linear``
-    (MKL's GEMM) at 1-256 cells: PyTorch's own linear repacks the weight on every call and adds the activation as a
-    second pass. The packed copy is remade when the weight changes in place (its version; an inference tensor has none,
-    so pass those only when made anew for each change) and dropped with the weight."""
+    PyTorch whose oneDNN lacks or fails these ops: tried once per weight). ``activation``: oneDNN's name ("swish" is
+    SiLU, "leaky_relu" takes its slope in ``scalars``). On a 2-core Zen 5 the default model's two-layer MLP ran
+    2.2-2.9x faster than through ``nn.Linear`` at 57-256 cells (1.3x for one): that runs MKL's GEMM, at half oneDNN's
+    rate there, and adds the activation as a second pass. The packed copy is remade when the weight changes in place
+    (its version; an inference tensor has none, so pass those only when made anew for each change) and dropped with
+    the weight."""
     if (weight.device.type != "cpu" or weight.dtype != torch.float32 or torch.is_grad_enabled()
             or torch.is_autocast_enabled("cpu") or not torch.backends.mkldnn.is_available()):
         return None
-    key, version = id(weight), -1 if weight.is_inference() else weight._version  # inference tensors have none
+    key, version = (id(weight), activation, tuple(scalars)), -1 if weight.is_inference() else weight._version
     cached = _PACKED.get(key)
     if cached is None or cached[0]() is not weight or cached[1] != version:
         try:
             packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
-        except (AttributeError, RuntimeError):  # an op this build lacks
-            return None
+            torch.ops.mkldnn._linear_pointwise(weight.new_zeros(1, weight.shape[1]), packed, bias, activation,
+                                               list(scalars), "")  # fails here, not in the caller's batch
+        except (AttributeError, RuntimeError):  # an op this build lacks or cannot run
+            packed = None
         if cached is None or cached[0]() is not weight:
             weakref.finalize(weight, _PACKED.pop, key, None)
         cached = _PACKED[key] = (weakref.ref(weight), version, packed)
     packed = cached[2]
+    if packed is None:
+        return None
     return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, activation, list(scalars), "")
