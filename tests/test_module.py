@@ -133,7 +133,8 @@ def test_module_writes_stack_measurements_and_field(tiny_model, fly_export, tmp_
 
 @pytest.mark.parametrize("among_neighbours", [False, True])
 def test_module_logs_how_its_time_splits(tiny_model, fly_export, tmp_path, caplog, among_neighbours):
-    """The debug line benchmarks/module_overhead.py reads: every step timed, together no more than the run."""
+    """The debug line benchmarks/module_overhead.py reads: the run by the module's own clock, every step timed,
+    together no more than the run."""
     spec = read_spec(tiny_model)
     labels, centers = three_objects()
     module, ws = make_workspace(tiny_model, tmp_path, real_feature_rows(fly_export, spec, [0, 1, 2]), spec, labels,
@@ -142,15 +143,15 @@ def test_module_logs_how_its_time_splits(tiny_model, fly_export, tmp_path, caplo
     began = time.perf_counter()
     module.run(ws)
     wall = time.perf_counter() - began
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("CP2Image: image set 1, 3 Nuclei: ")]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("CP2Image: image set 1, 3 Nuclei, ")]
     assert len(lines) == 1, caplog.text
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from module_overhead import step_times  # the benchmark's own reading of the line
+    from module_overhead import run_times, step_times  # the benchmark's own reading of the line
 
-    (seconds,) = step_times(lines[0])
+    (seconds,), (run,) = step_times(lines[0]), run_times(lines[0])
     assert list(seconds) == ["load model", "read features", "generate", "compose", "write"]
     assert seconds["generate"] > 0 and seconds["write"] > 0 and min(seconds.values()) >= 0  # load: maybe cached
-    assert sum(seconds.values()) <= wall + 0.0004  # each rounded to 0.1 ms
+    assert sum(seconds.values()) <= run + 0.0003 and run <= wall + 0.0001  # each rounded to 0.1 ms
 
 
 def test_module_per_object_files_and_no_silent_overwrite(tiny_model, fly_export, tmp_path):

@@ -300,20 +300,12 @@ def match_object_intensity(x: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
     area = area.float().clamp_min(1.0)
     radius = 1.5 * (area / math.pi).sqrt() + 2
     # the disks + the fade; the whole crop on a GPU, where reading the largest radius would stall the pipeline
-    on_cpu = x.device.type == "cpu"
-    reach = int(radius.max().ceil()) if on_cpu else s  # the largest disk's radius, rounded up
-    half = min(s // 2, reach + 6)
+    half = s // 2 if x.device.type != "cpu" else min(s // 2, int(radius.max().ceil()) + 6)
     lo, size = s // 2 - half, 2 * half
     window = x[:, :, lo:lo + size, lo:lo + size]
     xw = window.float().contiguous()
-    # the object is looked for among the disks' pixels only: on a CPU in the square that holds the disks (a window
-    # without the fade's margin: about 30% fewer pixels for the histogram's passes), the same pixels found
-    margin = half - min(half, reach + 1)
-    inner = size - 2 * margin
-    ref = xw[:, channel, margin:margin + inner, margin:margin + inner].detach().reshape(n, -1)
-    inside = _object_pixels(ref, area, radius, lo + margin, inner, s)
-    if margin:
-        inside = F.pad(inside.view(n, inner, inner), (margin,) * 4).view(n, -1)
+    ref = xw[:, channel].detach().reshape(n, -1)
+    inside = _object_pixels(ref, area, radius, lo, size, s)
     region = inside.to(torch.float32).view(n, 1, size, size)
     count = region.sum((2, 3))  # (N, 1)
     # the sums of x and x^2 over the object: the object's row of weights times the pixels (fewer passes than centring
