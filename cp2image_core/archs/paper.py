@@ -73,10 +73,10 @@ class PaperGenerator(nn.Module):
         The first conv sees one non-zero pixel of its padded input: a matrix product (on a CPU oneDNN's, with the
         leaky ReLU fused: ``packed_linear``). Each x2 nearest up-sampling + 5x5 conv becomes four 3x3 convs (one per
         output phase) on the low-resolution map: 9 instead of 25 multiply-adds per output, about 2.9x fewer FLOPs
-        at 68x68. Batch norms are folded
-        into the convs once (cached until a weight changes); maps stay channels-last for the CPU's conv kernels, each
-        phase conv's channels in (row phase, column phase, channel) order, so that a shuffle is one copy of runs of
-        2C values (PyTorch's pixel_shuffle copies single values), and the last one writes the NCHW output with the ReLU.
+        at 68x68. Batch norms are folded into the convs once (cached until a weight changes); maps stay
+        channels-last for the CPU's conv kernels, each phase conv's channels in (row phase, column phase, channel)
+        order, so that a shuffle is one copy of runs of 2C values (PyTorch's pixel_shuffle copies single values),
+        and the last one writes the NCHW output with the ReLU.
         On a CPU a batch runs in chunks of ``CPU_CHUNK`` cells, whose maps stay in cache.
         """
         folded = self._folded()
