@@ -4,9 +4,10 @@
         [--no-compile]
 
 Each row adds one option to the row above it (the last rows vary one thing of the shipped path): autograd on;
-``torch.inference_mode``; channels-last memory; the decoder's fused GroupNorm + SiLU (the module's fp32 path);
-bfloat16 autocast; ``torch.compile`` (inductor; its compile time is printed, and a failure is printed, not
-raised); one thread instead of this machine's default. Speeds are ratios within one run, since machines differ.
+``torch.inference_mode``; channels-last memory; the decoder's fused GroupNorm + SiLU; its MLP through oneDNN's fused
+linear with packed weights (``packed_linear``: the module's fp32 path); bfloat16 autocast; ``torch.compile``
+(inductor; its compile time is printed, and a failure is printed, not raised); one thread instead of this machine's
+default. Speeds are ratios within one run, since machines differ.
 """
 from __future__ import annotations
 
@@ -45,28 +46,29 @@ def main() -> None:
     plain.load_state_dict(synth.generator.state_dict())
     fast = synth.generator  # channels-last, as the module runs it
     z = torch.randn(a.batch_size, spec.n_features)
-    fused = decoder.group_norm_silu
+    fused, packed = decoder.group_norm_silu, decoder.packed_linear
 
     def unfused(x, norm):
         return F.silu(norm(x))
 
-    def run(gen, grad=False, gn=fused, amp=None):
+    def run(gen, grad=False, gn=fused, amp=None, pack=True):
         def fn(x):
-            decoder.group_norm_silu = gn
+            decoder.group_norm_silu, decoder.packed_linear = gn, packed if pack else (lambda *args, **kw: None)
             mode = torch.enable_grad() if grad else torch.inference_mode()
             cast = torch.autocast("cpu", dtype=amp) if amp else contextlib.nullcontext()
             try:
                 with mode, cast:
                     return gen(x)
             finally:
-                decoder.group_norm_silu = fused
+                decoder.group_norm_silu, decoder.packed_linear = fused, packed
         return fn
 
     threads = torch.get_num_threads()
     rows = [("autograd on, NCHW, PyTorch GroupNorm", run(plain, grad=True)),
-            ("+ inference_mode", run(plain, gn=unfused)),
-            ("+ channels_last", run(fast, gn=unfused)),
-            ("+ fused GroupNorm + SiLU (the module's fp32 path)", run(fast)),
+            ("+ inference_mode", run(plain, gn=unfused, pack=False)),
+            ("+ channels_last", run(fast, gn=unfused, pack=False)),
+            ("+ fused GroupNorm + SiLU", run(fast, pack=False)),
+            ("+ the MLP through oneDNN's packed, fused linear (module, fp32)", run(fast)),
             ("+ bfloat16 autocast (Precision: bfloat16)", run(fast, amp=torch.bfloat16))]
     print(f"{Path(a.model).name} [{spec.arch}] at batch {a.batch_size}, {threads} threads, torch {torch.__version__}")
     print(f"{'option':60s} cells/s  vs the first row")

@@ -214,19 +214,6 @@ def test_anchored_calibrated_decoder_inference_path_equals_its_autograd_path():
     assert fast.shape == (6, 2, 32, 32) and fast.is_contiguous()
     assert torch.allclose(fast, autograd, atol=1e-5)
     assert autograd.std() > 0.01 and not torch.allclose(autograd[:3], autograd[3:], atol=1e-3)
-    # the output and smooth convs' phase weights are cached: weights changed in place (load_state_dict) renew them
-    gen = build_generator(spec).eval().to(memory_format=torch.channels_last)  # weights autograd can use
-    with torch.inference_mode():
-        before = gen(z)  # the cache made
-        assert torch.equal(gen(z), before)  # and used
-    with torch.no_grad():
-        gen.smooth.weight.mul_(-2.0)
-        gen.out.bias.add_(0.3)
-    autograd2 = gen(z).detach()
-    with torch.inference_mode():
-        fast2 = gen(z)
-    assert not torch.allclose(fast2, before, atol=1e-3)
-    assert torch.allclose(fast2, autograd2, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="a PyTorch without oneDNN")

@@ -116,7 +116,31 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         fast = not (self.training or torch.is_grad_enabled())  # inference: fused and reordered steps below
         x = self._mlp(z.clamp(-self.input_clip, self.input_clip), fast).view(-1, self.width, self.base, self.base)
-        x = self._draw(x, z, fast)
+        if not fast:
+            x = self.ups(x)
+        else:  # the fused GroupNorm + SiLU
+            for layer in (m for block in self.ups for m in block):
+                if isinstance(layer, nn.GroupNorm):
+                    x = group_norm_silu(x, layer)
+                elif not isinstance(layer, nn.SiLU):  # applied with its GroupNorm
+                    x = layer(x)
+        if self.subpixel and fast:
+            x = _subpixel_conv(x, self.out)
+        else:
+            x = self.out(x)
+            if self.subpixel:
+                x = F.pixel_shuffle(x, 2)
+        if self.blur is not None:
+            x = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate" if self.pad == "replicate" else "constant"),
+                         self.blur, groups=x.shape[1])
+        if self.smooth is not None:
+            if fast:  # x + smooth(x) as one conv: the identity added to the kernel's centre tap
+                w = self.smooth.weight.clone()
+                w[:, :, 1, 1] += torch.eye(w.shape[0], dtype=w.dtype, device=w.device)
+                x = self.smooth._conv_forward(x, w, self.smooth.bias)
+            else:
+                x = x + self.smooth(x)
+        x = self._anchored(x, z) if self.anchor else torch.sigmoid(x)
         if self.warp:
             if self.warp_index is None:
                 raise SpecError("cp2image-decoder with warp=K needs its spec's features: build it with "
@@ -143,72 +167,6 @@ class Decoder(nn.Module):
             if first is not None and second is not None:
                 return second(first(z))
         return self.mlp(z)
-
-    def _draw(self, x: torch.Tensor, z: torch.Tensor, fast: bool) -> torch.Tensor:
-        """The MLP's maps ``x`` of cells with features ``z`` -> their images (up-sampling convs, the output layer,
-        the anchors or a sigmoid); ``fast``: the fused and reordered inference steps."""
-        if not fast:
-            x = self.ups(x)
-        else:  # the fused GroupNorm + SiLU
-            for layer in (m for block in self.ups for m in block):
-                if isinstance(layer, nn.GroupNorm):
-                    x = group_norm_silu(x, layer)
-                elif not isinstance(layer, nn.SiLU):  # applied with its GroupNorm
-                    x = layer(x)
-        if (fast and x.device.type == "cpu" and self.subpixel and self.smooth is not None and self.blur is None
-                and self.pad == "zeros"):  # both convs before the shuffle (measured on CPUs only)
-            w_out, b_out, w_smooth, b_smooth = self._phase_weights()
-            y = F.conv2d(x, w_out, b_out, padding=1)
-            return self._finish(phase_shuffle(F.conv2d(y, w_smooth, b_smooth, padding=1)), z)
-        if self.subpixel and fast:
-            x = _subpixel_conv(x, self.out)
-        else:
-            x = self.out(x)
-            if self.subpixel:
-                x = F.pixel_shuffle(x, 2)
-        if self.blur is not None:
-            x = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate" if self.pad == "replicate" else "constant"),
-                         self.blur, groups=x.shape[1])
-        if self.smooth is not None:
-            if fast:  # x + smooth(x) as one conv: the identity added to the kernel's centre tap
-                w = self.smooth.weight.clone()
-                w[:, :, 1, 1] += torch.eye(w.shape[0], dtype=w.dtype, device=w.device)
-                x = self.smooth._conv_forward(x, w, self.smooth.bias)
-            else:
-                x = x + self.smooth(x)
-        return self._finish(x, z)
-
-    def _finish(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """The output layer's values -> 0..1 intensities: anchored to the cell's stated ones, or a sigmoid."""
-        return self._anchored(x, z) if self.anchor else torch.sigmoid(x)
-
-    def _phase_weights(self) -> tuple[torch.Tensor, ...]:
-        """The sub-pixel output conv and ``x + smooth(x)`` (zero padding) as two convs at the sub-pixel layer's
-        resolution, cached until a weight changes: the output conv's channels in (row phase, column phase, channel)
-        order (``_subpixel_conv``), and the smooth conv of the shuffled image as a 3x3 conv of the 4 C phase
-        channels: output pixel (2i + a, 2j + b) reads full-resolution pixels one away, which are phases of the
-        low-resolution pixels one away, and the zero padding of the full-resolution image is that of the phases.
-        Same values as the shuffle then the smooth conv; on a 2-core Zen 5 twice as fast (a 3-channel conv on the
-        full-resolution image runs at a twentieth of the CPU's matmul rate)."""
-        params = (self.out.weight, self.out.bias, self.smooth.weight, self.smooth.bias)
-        key = (*((t.data_ptr(), t._version) for t in params), params[0].device, params[0].dtype)
-        cache = getattr(self, "_phase_cache", None)
-        if cache is not None and cache[0] == key:
-            return cache[1]
-        with torch.no_grad():
-            c = self.out.out_channels // 4
-            order = torch.arange(4 * c, device=params[0].device).view(c, 4).T.flatten()
-            w = self.smooth.weight.clone()
-            w[:, :, 1, 1] += torch.eye(c, dtype=w.dtype, device=w.device)
-            k = w.new_zeros(2, 2, c, 2, 2, c, 3, 3)  # output phase (a, b), channel; input phase, channel; tap
-            for a, b, u, v in ((a, b, u, v) for a in range(2) for b in range(2) for u in range(3) for v in range(3)):
-                r, q = a + u - 1, b + v - 1  # the tap's full-resolution offset from (2i, 2j)
-                k[a, b, :, r % 2, q % 2, :, r // 2 + 1, q // 2 + 1] += w[:, :, u, v]
-            weights = (self.out.weight[order].contiguous(memory_format=torch.channels_last), self.out.bias[order],
-                       k.reshape(4 * c, 4 * c, 3, 3).contiguous(memory_format=torch.channels_last),
-                       self.smooth.bias.repeat(4))
-        self._phase_cache = (key, weights)
-        return weights
 
     def _anchored(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         if self.anchor_index is None:
