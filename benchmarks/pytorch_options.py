@@ -68,7 +68,7 @@ def main() -> None:
             ("+ inference_mode", run(plain, gn=unfused, pack=False)),
             ("+ channels_last", run(fast, gn=unfused, pack=False)),
             ("+ fused GroupNorm + SiLU", run(fast, pack=False)),
-            ("+ the MLP through oneDNN's packed, fused linear (module, fp32)", run(fast)),
+            ("+ MLP as oneDNN's packed, fused linear (module's fp32)", run(fast)),
             ("+ bfloat16 autocast (Precision: bfloat16)", run(fast, amp=torch.bfloat16))]
     print(f"{Path(a.model).name} [{spec.arch}] at batch {a.batch_size}, {threads} threads, torch {torch.__version__}")
     print(f"{'option':60s} cells/s  vs the first row")
