@@ -79,20 +79,22 @@ class PaperGenerator(nn.Module):
         and the last one writes the NCHW output with the ReLU.
         On a CPU a batch runs in chunks of ``CPU_CHUNK`` cells, whose maps stay in cache.
         """
-        folded = self._folded()
+        w1, b1, phases, out_conv = self._folded()
+        first = packed_linear(w1, b1, "leaky_relu", (0.01,)) if z.dtype == torch.float32 else None  # once a batch
+        if first is None:
+            def first(x: torch.Tensor) -> torch.Tensor:
+                return F.leaky_relu(F.linear(x, w1, b1), 0.01)
         chunk = CPU_CHUNK if z.device.type == "cpu" else len(z)
         if len(z) <= chunk:
-            return self._fast_chunk(z, *folded)
-        parts = [self._fast_chunk(z[i:i + chunk], *folded) for i in range(0, len(z), chunk)]
+            return self._fast_chunk(z, first, phases, out_conv)
+        parts = [self._fast_chunk(z[i:i + chunk], first, phases, out_conv) for i in range(0, len(z), chunk)]
         return torch.cat(parts)
 
     @staticmethod
-    def _fast_chunk(z: torch.Tensor, w1, b1, phases, out_conv) -> torch.Tensor:
-        """``forward_fast`` on one chunk, with the folded weights."""
+    def _fast_chunk(z: torch.Tensor, first, phases, out_conv) -> torch.Tensor:
+        """``forward_fast`` on one chunk: ``first`` the first layer (with its leaky ReLU), then the folded weights."""
         w_out, b_out = out_conv
-        first = packed_linear(w1, b1, "leaky_relu", (0.01,)) if z.dtype == torch.float32 else None
-        x = first(z) if first is not None else F.leaky_relu(F.linear(z, w1, b1), 0.01)
-        x = x.view(len(z), 5, 5, -1).permute(0, 3, 1, 2)  # channels-last (N, C, 5, 5)
+        x = first(z).view(len(z), 5, 5, -1).permute(0, 3, 1, 2)  # channels-last (N, C, 5, 5)
         for i, (k, b) in enumerate(phases):
             y = F.conv2d(x, k, b, padding=2)  # (N, 4C, h, w), channel = (row phase * 2 + col phase) * C + c
             y = F.leaky_relu(y, 0.01, inplace=True)
