@@ -538,3 +538,18 @@ def test_the_roofline_times_the_same_matrix_product_in_each_library():
     rates = matmul_rates(torch.device("cpu"), n=128, reps=2)
     assert sorted(rates) == ["gemm", "onednn"] and min(rates.values()) > 0
     assert matmul_rate(torch.device("cpu"), n=128, reps=2) > 0
+
+
+def test_flops_per_cell_counts_the_decoders_mlp():
+    """benchmarks/generator_throughput.py's FLOPs per cell include the MLP that runs through oneDNN's fused linear at
+    inference (PyTorch's counter does not see it): 2 x the MLP's multiply-adds plus the convolutions' count."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from generator_throughput import flops_per_cell
+
+    gen = archs.build("cp2image-decoder", 40, 3, 32, n_up=2, subpixel=1, hidden=64).eval()
+    mlp = 2 * (40 * 64 + 64 * gen.width * gen.base * gen.base)
+    with torch.no_grad(), torch.utils.flop_counter.FlopCounterMode(display=False) as convs:
+        gen.ups(torch.zeros(4, gen.width, gen.base, gen.base))
+    with torch.no_grad(), torch.utils.flop_counter.FlopCounterMode(display=False) as out:
+        gen.out(torch.zeros(4, gen.out.in_channels, 16, 16))
+    assert flops_per_cell(gen, 40) == mlp + (convs.get_total_flops() + out.get_total_flops()) / 4
