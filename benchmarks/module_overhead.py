@@ -140,7 +140,7 @@ def main() -> None:
     print(f"model load (file to ready generator): {load_s:.2f} s")
     print(f"module / raw = {module_rate / raw_rate:.2f} "
           f"(overhead {100 * (raw_rate / module_rate - 1):.0f}%)")
-    if len(cp) > 1:  # the first image set also opens every feature's HDF5 dataset, once per run
+    if len(cp) > 1:  # the first image set also inflates every feature's HDF5 chunk, once per run (current_values)
         steady = cells[1:].sum() / cp[1:].sum()
         print(f"after the first image set ({cp[0]:.2f} s): {steady:.0f} cells/s, module / raw = "
               f"{steady / raw_rate:.2f} (overhead {100 * (raw_rate / steady - 1):.0f}%)")
@@ -156,6 +156,9 @@ def main() -> None:
             f"{k} {v:.3f} s ({100 * v / runs.sum():.0f}%)" for k, v in total_steps.items())
             + f", the rest of the module's run {outside:.3f} s ({100 * outside / runs.sum():.0f}%); the generator "
             f"inside the module {cells.sum() / total_steps['generate']:.0f} cells/s")
+        print("image set by image set: " + "; ".join(
+            f"{int(c)} cells, the generator {c / row['generate']:.0f} cells/s, read features "
+            f"{row['read features']:.3f} s, write {row['write']:.3f} s" for c, row in zip(cells, steps)))
 
 
 STEP = re.compile(r"CP2Image: image set \d+, \d+ \w+, run ([\d.]+) s: (.*)")
