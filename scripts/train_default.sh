@@ -12,7 +12,8 @@ STEPS=${STEPS:-3000}
 STAGE1=${STAGE1:-runs/models/default-stage1.safetensors}
 VENV="$VENV" WORK="$WORK" bash scripts/examplefly_features.sh
 mkdir -p "$(dirname "$STAGE1")"
-PARAMS="n_up=3 subpixel=1 smooth=1 low_res_first=1 icnr=1 anchor=1"
+# EXTRA_PARAMS: more --arch-param values for both stages, e.g. "width=32 hidden=128" (README, Speed, session 29)
+PARAMS="n_up=3 subpixel=1 smooth=1 low_res_first=1 icnr=1 anchor=1 ${EXTRA_PARAMS:-}"
 stage() {  # stage OUT STEPS ARCH_PARAMS [extra train options]
   "$VENV/bin/python" -m cp2image_core.train --export-dir "$WORK/features" --objects Nuclei \
     --feature-objects Nuclei Cells Cytoplasm --channels DNA FITC Rhodamine --crop-size 64 --val-images 1 \
