@@ -124,8 +124,9 @@ def current_values(measurements, obj: str, feat: str):
     straight into an array; it is dropped when CellProfiler deletes or rewrites the feature (which replaces the
     feature's index). Held open, it also keeps its chunk in HDF5's cache, which CellProfiler's writes of the next
     image sets share: CellProfiler stores each feature gzip-compressed in chunks of 1,024 values, and a read after
-    the dataset was closed inflates its chunk (the first image set's 658 features: ≈60 ms, against ≈9 ms held open;
-    opening them ≈3 ms). Anything unusual (text features, an empty image set) takes CellProfiler's own path.
+    the dataset was closed inflates its chunk (658 features: 45-60 ms in the first image set, 9-13 ms held open in
+    the next ones; opening them ≈3 ms). Anything unusual (text features, an empty image set) takes CellProfiler's
+    own path.
     """
     store = getattr(measurements, "hdf5_dict", None)
     index = getattr(store, "indices", {}).get((obj, feat))
