@@ -12,13 +12,13 @@ STEPS=${STEPS:-3000}
 STAGE1=${STAGE1:-runs/models/default-stage1.safetensors}
 VENV="$VENV" WORK="$WORK" bash scripts/examplefly_features.sh
 mkdir -p "$(dirname "$STAGE1")"
+PARAMS="n_up=3 subpixel=1 smooth=1 low_res_first=1 icnr=1 anchor=1"
 # EXTRA_PARAMS: more --arch-param values for both stages, e.g. "width=32 hidden=128" (README, Speed, session 29)
-PARAMS="n_up=3 subpixel=1 smooth=1 low_res_first=1 icnr=1 anchor=1 ${EXTRA_PARAMS:-}"
 stage() {  # stage OUT STEPS ARCH_PARAMS [extra train options]
   "$VENV/bin/python" -m cp2image_core.train --export-dir "$WORK/features" --objects Nuclei \
     --feature-objects Nuclei Cells Cytoplasm --channels DNA FITC Rhodamine --crop-size 64 --val-images 1 \
     --arch "$ARCH" --loss l1 --mask-image NucleiLabels --threads 2 \
-    --arch-param $3 --texture-loss 0.05 --intensity-loss 0.05 \
+    --arch-param $3 ${EXTRA_PARAMS:-} --texture-loss 0.05 --intensity-loss 0.05 \
     --edge-loss 0.05 --pattern-loss 0.5 --level-loss 0.2 \
     --out "$1" --steps "$2" --run-dir "runs/$(basename "$1" .safetensors)" --overwrite "${@:4}"
 }
