@@ -152,6 +152,32 @@ def test_describe_lists_channels_and_the_modules_that_measure_the_features(tmp_p
     assert "MeasureObjectIntensity on Cells: 1 (Intensity_MeanIntensity_DNA)" in out
 
 
+@pytest.mark.parametrize("extra", ["", "width=32 hidden=128"])
+def test_train_default_adds_extra_arch_params_to_both_stages(tmp_path, extra):
+    """``EXTRA_PARAMS`` reaches both stages' ``--arch-param`` (README, Speed, session 29), and without it the stages
+    run the shipped recipe. The training itself (minutes) is replaced by a stand-in python that records its
+    arguments; the features are marked as measured, so the script goes straight to the stages."""
+    import os
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    venv, work, log = tmp_path / "venv", tmp_path / "work", tmp_path / "calls.txt"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    (venv / "bin" / "python").chmod(0o755)
+    (work / "features").mkdir(parents=True)
+    (work / "features" / "Nuclei.csv").touch()  # newer than the features pipeline: not measured again
+    env = {**os.environ, "VENV": str(venv), "WORK": str(work), "EXTRA_PARAMS": extra,
+           "OUT": str(tmp_path / "m.safetensors"), "STAGE1": str(tmp_path / "m1.safetensors")}
+    subprocess.run(["bash", str(root / "scripts" / "train_default.sh")], env=env, check=True, capture_output=True)
+    stages = log.read_text().splitlines()
+    assert len(stages) == 2
+    recipe = "n_up=3 subpixel=1 smooth=1 low_res_first=1 icnr=1 anchor=1"
+    for stage, last in zip(stages, ["", " calibrate=1"]):
+        params = stage.split("--arch-param ")[1].split(" --")[0].split()
+        assert params == f"{recipe}{last} {extra}".split()
+
+
 @pytest.mark.parametrize("model, script", [("cp2image-default", "train_default.sh"),
                                            ("cp2image-realistic", "train_realistic.sh")])
 def test_shipped_models_were_made_by_their_training_scripts_recipe(model, script):
