@@ -172,10 +172,11 @@ def test_generators_shape_and_batch_independence(arch, crop):
 
 @pytest.mark.parametrize("params", [{}, {"n_up": 3, "subpixel": 1}, {"n_up": 3, "subpixel": 1, "smooth": 1},
                                     {"n_up": 3, "subpixel": 1, "smooth": 1, "replicate": 1, "antialias": 1},
-                                    {"n_up": 3, "subpixel": 1, "smooth": 1, "low_res_first": 1}])
+                                    {"n_up": 3, "subpixel": 1, "smooth": 1, "low_res_first": 1},
+                                    {"n_up": 3, "subpixel": 2, "smooth": 1, "low_res_first": 1}])
 def test_decoder_inference_path_equals_its_modules(params):
     """The decoder's fused GroupNorm + SiLU (inference) gives what its nn modules give, channels-last too; the
-    sub-pixel variant has no full-resolution conv and still returns full-size crops."""
+    sub-pixel variants have no full-resolution conv (x4: none at half resolution) and still return full-size crops."""
     torch.manual_seed(0)
     gen = archs.build("cp2image-decoder", 40, 3, 64, **params)
     with torch.no_grad():
@@ -192,9 +193,10 @@ def test_decoder_inference_path_equals_its_modules(params):
     assert torch.allclose(fused, modules, atol=1e-5) and torch.allclose(fused_cl, modules, atol=1e-5)
     assert not torch.allclose(modules[:3], modules[3:], atol=1e-3)  # cells differ: the check is not vacuous
     if params:
+        r = 2 ** params["subpixel"]
         sizes = [m.out_channels for m in gen.modules() if isinstance(m, torch.nn.Conv2d)]
         ups = [m for m in gen.ups[-1] if isinstance(m, torch.nn.Upsample)]
-        assert 12 in sizes[-2:] and ups[0].size == (32, 32)
+        assert 3 * r * r in sizes[-2:] and ups[0].size == (64 // r, 64 // r)
 
 
 def test_anchored_calibrated_decoder_inference_path_equals_its_autograd_path():
@@ -242,12 +244,17 @@ def test_packed_linear_is_the_linear_layer_and_its_activation():
     assert not set(keys) & set(layers._PACKED)
 
 
-def test_decoder_icnr_starts_without_a_checkerboard():
-    gen = archs.build("cp2image-decoder", 10, 3, 64, n_up=3, subpixel=1, icnr=1)
+@pytest.mark.parametrize("subpixel", [1, 2])
+def test_decoder_icnr_starts_without_a_checkerboard(subpixel):
+    r = 2 ** subpixel
+    gen = archs.build("cp2image-decoder", 10, 3, 64, n_up=3, subpixel=subpixel, icnr=1)
     with torch.no_grad():
         x = gen.ups(gen.mlp(torch.randn(2, 10)).view(-1, gen.width, gen.base, gen.base))
-        y = torch.nn.functional.pixel_shuffle(gen.out(x), 2)
-    assert torch.equal(y[..., ::2, ::2], y[..., 1::2, 1::2]) and torch.equal(y[..., ::2, ::2], y[..., ::2, 1::2])
+        y = torch.nn.functional.pixel_shuffle(gen.out(x), r)
+    assert y.shape == (2, 3, 64, 64)
+    for i in range(r):
+        for j in range(r):
+            assert torch.equal(y[..., i::r, j::r], y[..., ::r, ::r])
     assert y.std() > 0
 
 
@@ -484,8 +491,12 @@ def test_generators_clip_their_own_input():
 
 
 def test_architecture_parameters_the_crop_does_not_allow_are_named():
-    with pytest.raises(SpecError, match=r"63-pixel crops.*even crop size"):
+    with pytest.raises(SpecError, match=r"63-pixel crops.*subpixel=1.*divisible by 2"):
         archs.build("cp2image-decoder", 12, 3, 63, subpixel=1)
+    with pytest.raises(SpecError, match=r"66-pixel crops.*subpixel=2.*divisible by 4"):
+        archs.build("cp2image-decoder", 12, 3, 66, subpixel=2)
+    with pytest.raises(SpecError, match=r"subpixel=3: 0 \(off\), 1"):
+        archs.build("cp2image-decoder", 12, 3, 64, subpixel=3)
     with pytest.raises(SpecError, match=r"cp2image-paper.*too small"):
         archs.build("cp2image-paper", 12, 3, 32)
 

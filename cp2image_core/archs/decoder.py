@@ -3,6 +3,7 @@
 GroupNorm (no batch statistics) keeps one cell's image independent of its batch-mates. With ``subpixel=1`` the
 last x2 step is a sub-pixel convolution (the last conv predicts the 2 x 2 pixels of each output position, then
 ``pixel_shuffle``): no conv runs at full resolution, where few channels make convs memory-bound on a CPU.
+``subpixel=2`` makes it a x4 step (4 x 4 pixels per position): no conv runs at half resolution either.
 ``low_res_first=1`` runs each block's first conv before its up-sampling (at a quarter of the pixels).
 ``smooth=1`` adds one 3x3 conv on the full-resolution output channels (about 1% of the FLOPs), so that
 neighbouring 2 x 2 groups can be blended instead of forming a checkerboard; ``icnr=1`` initializes the sub-pixel
@@ -83,10 +84,13 @@ class Decoder(nn.Module):
         for name in ("anchor_index", "anchor_mean", "anchor_std", "calib_index", "calib_mean", "calib_std",
                      "warp_index", "warp_mean", "warp_std"):
             self.register_buffer(name, None, persistent=False)
-        if subpixel and crop_size % 2:
-            raise ValueError(f"subpixel=1 needs an even crop size, not {crop_size}")
+        if not 0 <= subpixel <= 2:
+            raise ValueError(f"subpixel={subpixel}: 0 (off), 1 (a x2 step) or 2 (a x4 step)")
+        self.factor = 2 ** subpixel  # the sub-pixel step's up-sampling (1: none)
+        if crop_size % self.factor:
+            raise ValueError(f"subpixel={subpixel} needs a crop size divisible by {self.factor}, not {crop_size}")
         self.subpixel = bool(subpixel)
-        final = crop_size // 2 if subpixel else crop_size
+        final = crop_size // self.factor
         self.base = max(2, round(final / 2 ** n_up))
         self.width = width
         self.mlp = nn.Sequential(
@@ -99,7 +103,7 @@ class Decoder(nn.Module):
         pad = "replicate" if replicate else "zeros"
         self.ups = nn.Sequential(*[_block(chans[i], chans[i + 1], sizes[i], bool(low_res_first), pad)
                                    for i in range(n_up)])
-        self.out = nn.Conv2d(chans[-1], n_channels * (4 if subpixel else 1), 3, padding=1, padding_mode=pad)
+        self.out = nn.Conv2d(chans[-1], n_channels * self.factor ** 2, 3, padding=1, padding_mode=pad)
         self.smooth = nn.Conv2d(n_channels, n_channels, 3, padding=1, padding_mode=pad) if smooth else None
         self.pad = pad
         if antialias:  # a fixed [1 2 1] x [1 2 1] / 16 blur after the shuffle: zero gain at the 2-pixel period
@@ -108,10 +112,11 @@ class Decoder(nn.Module):
             self.register_buffer("blur", kernel, persistent=False)
         else:
             self.blur = None
-        if subpixel and icnr:  # start with the four sub-pixels of each output pixel equal (Aitken et al. 2017)
+        if subpixel and icnr:  # start with the sub-pixels of each output pixel equal (Aitken et al. 2017)
+            k = self.factor ** 2
             with torch.no_grad():
-                self.out.weight.copy_(self.out.weight[::4].repeat_interleave(4, 0))
-                self.out.bias.copy_(self.out.bias[::4].repeat_interleave(4, 0))
+                self.out.weight.copy_(self.out.weight[::k].repeat_interleave(k, 0))
+                self.out.bias.copy_(self.out.bias[::k].repeat_interleave(k, 0))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         fast = not (self.training or torch.is_grad_enabled())  # inference: fused and reordered steps below
@@ -125,11 +130,11 @@ class Decoder(nn.Module):
                 elif not isinstance(layer, nn.SiLU):  # applied with its GroupNorm
                     x = layer(x)
         if self.subpixel and fast:
-            x = _subpixel_conv(x, self.out)
+            x = _subpixel_conv(x, self.out, self.factor)
         else:
             x = self.out(x)
             if self.subpixel:
-                x = F.pixel_shuffle(x, 2)
+                x = F.pixel_shuffle(x, self.factor)
         if self.blur is not None:
             x = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate" if self.pad == "replicate" else "constant"),
                          self.blur, groups=x.shape[1])
@@ -231,13 +236,13 @@ class Decoder(nn.Module):
             std_all[index].to(dev)
 
 
-def _subpixel_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """``pixel_shuffle(conv(x), 2)`` (inference), in channels-last memory: the conv's output channels are put in
+def _subpixel_conv(x: torch.Tensor, conv: nn.Conv2d, r: int = 2) -> torch.Tensor:
+    """``pixel_shuffle(conv(x), r)`` (inference), in channels-last memory: the conv's output channels are put in
     (row, column, channel) order, so that the shuffle is ``phase_shuffle``'s one copy."""
-    c = conv.out_channels // 4
-    order = torch.arange(4 * c, device=x.device).view(c, 4).T.flatten()  # (i, j, channel) <- channel * 4 + i * 2 + j
+    c = conv.out_channels // (r * r)
+    order = torch.arange(r * r * c, device=x.device).view(c, r * r).T.flatten()  # (i, j, ch) <- ch * r² + i * r + j
     bias = None if conv.bias is None else conv.bias[order]
-    return phase_shuffle(conv._conv_forward(x, conv.weight[order], bias))  # (N, 4 C, H, W) -> (N, C, 2 H, 2 W)
+    return phase_shuffle(conv._conv_forward(x, conv.weight[order], bias), r)  # (N, r² C, H, W) -> (N, C, r H, r W)
 
 
 def match_object_intensity(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, area: torch.Tensor,

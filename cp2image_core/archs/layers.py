@@ -12,14 +12,14 @@ import torch
 _PACKED: dict[tuple, tuple[weakref.ref, int, torch.Tensor | None]] = {}
 
 
-def phase_shuffle(y: torch.Tensor) -> torch.Tensor:
-    """``pixel_shuffle(y, 2)`` for channels in (row phase, column phase, channel) order instead of PyTorch's
-    (channel, row phase, column phase): (N, 4C, H, W) -> (N, C, 2H, 2W), channels-last. In channels-last memory
-    this is one copy of runs of 2C values; PyTorch's pixel_shuffle copies single values (on a CPU 1.0 of 2.4 ms of
+def phase_shuffle(y: torch.Tensor, r: int = 2) -> torch.Tensor:
+    """``pixel_shuffle(y, r)`` for channels in (row phase, column phase, channel) order instead of PyTorch's
+    (channel, row phase, column phase): (N, r²C, H, W) -> (N, C, rH, rW), channels-last. In channels-last memory
+    this is one copy of runs of rC values; PyTorch's pixel_shuffle copies single values (on a CPU 1.0 of 2.4 ms of
     the default model's last layer at batch 64, and the paper generator 1.14-1.27x slower in all)."""
-    n, c4, h, w = y.shape
-    rows = y.permute(0, 2, 3, 1).reshape(n, h, w, 2, c4 // 2).transpose(2, 3)  # (N, H, i, W, j * C)
-    return rows.reshape(n, 2 * h, 2 * w, c4 // 4).permute(0, 3, 1, 2)
+    n, cr2, h, w = y.shape
+    rows = y.permute(0, 2, 3, 1).reshape(n, h, w, r, cr2 // r).transpose(2, 3)  # (N, H, i, W, j * C)
+    return rows.reshape(n, r * h, r * w, cr2 // (r * r)).permute(0, 3, 1, 2)
 
 
 def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "none",
