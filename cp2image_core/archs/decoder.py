@@ -89,7 +89,6 @@ class Decoder(nn.Module):
         self.factor = 2 ** subpixel  # the sub-pixel step's up-sampling (1: none)
         if crop_size % self.factor:
             raise ValueError(f"subpixel={subpixel} needs a crop size divisible by {self.factor}, not {crop_size}")
-        self.subpixel = bool(subpixel)
         final = crop_size // self.factor
         self.base = max(2, round(final / 2 ** n_up))
         self.width = width
@@ -129,11 +128,11 @@ class Decoder(nn.Module):
                     x = group_norm_silu(x, layer)
                 elif not isinstance(layer, nn.SiLU):  # applied with its GroupNorm
                     x = layer(x)
-        if self.subpixel and fast:
+        if self.factor > 1 and fast:
             x = _subpixel_conv(x, self.out, self.factor)
         else:
             x = self.out(x)
-            if self.subpixel:
+            if self.factor > 1:
                 x = F.pixel_shuffle(x, self.factor)
         if self.blur is not None:
             x = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate" if self.pad == "replicate" else "constant"),
