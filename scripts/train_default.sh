@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Retrain the shipped default model on CellProfiler's ExampleFly cells (held-out field: image set 1), in two stages:
-# 3,000 steps from scratch, then 2,000 steps with the outline loss at the field's IdentifyPrimaryObjects threshold and
+# 6,000 steps from scratch, then 2,000 steps with the outline loss at the field's IdentifyPrimaryObjects threshold and
 # the object's stated mean and SD intensities matched inside it (calibrate=1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,11 +8,12 @@ VENV=${VENV:-.venv}
 WORK=${WORK:-build/examplefly}
 ARCH=${ARCH:-cp2image-decoder}
 OUT=${OUT:-weights/cp2image-default.safetensors}
-STEPS=${STEPS:-3000}
+STEPS=${STEPS:-6000}
 STAGE1=${STAGE1:-runs/models/default-stage1.safetensors}
 VENV="$VENV" WORK="$WORK" bash scripts/examplefly_features.sh
 mkdir -p "$(dirname "$STAGE1")"
-PARAMS="n_up=3 subpixel=1 smooth=1 low_res_first=1 icnr=1 anchor=1"
+# the decoder: 96 channels, two x2 steps and a last x4 sub-pixel step (README, Speed, session 30)
+PARAMS="n_up=2 subpixel=2 width=96 smooth=1 low_res_first=1 icnr=1 anchor=1"
 # EXTRA_PARAMS: more --arch-param values for both stages, e.g. "width=32 hidden=128" (README, Speed, session 29)
 stage() {  # stage OUT STEPS ARCH_PARAMS [extra train options]
   "$VENV/bin/python" -m cp2image_core.train --export-dir "$WORK/features" --objects Nuclei \

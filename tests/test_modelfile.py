@@ -152,11 +152,9 @@ def test_describe_lists_channels_and_the_modules_that_measure_the_features(tmp_p
     assert "MeasureObjectIntensity on Cells: 1 (Intensity_MeanIntensity_DNA)" in out
 
 
-@pytest.mark.parametrize("extra", ["", "width=32 hidden=128"])
-def test_train_default_adds_extra_arch_params_to_both_stages(tmp_path, extra):
-    """``EXTRA_PARAMS`` reaches both stages' ``--arch-param`` (README, Speed, session 29), and without it the stages
-    run the shipped recipe. The training itself (minutes) is replaced by a stand-in python that records its
-    arguments; the features are marked as measured, so the script goes straight to the stages."""
+def _training_script_calls(tmp_path, script: str, **env: str) -> list:
+    """Run ``scripts/<script>`` with a stand-in python that records each training command's arguments (the
+    training itself takes minutes); the features are marked as measured, so the script goes straight to the stages."""
     import os
     from pathlib import Path
 
@@ -167,15 +165,48 @@ def test_train_default_adds_extra_arch_params_to_both_stages(tmp_path, extra):
     (venv / "bin" / "python").chmod(0o755)
     (work / "features").mkdir(parents=True)
     (work / "features" / "Nuclei.csv").touch()  # newer than the features pipeline: not measured again
-    env = {**os.environ, "VENV": str(venv), "WORK": str(work), "EXTRA_PARAMS": extra,
-           "OUT": str(tmp_path / "m.safetensors"), "STAGE1": str(tmp_path / "m1.safetensors")}
-    subprocess.run(["bash", str(root / "scripts" / "train_default.sh")], env=env, check=True, capture_output=True)
-    stages = log.read_text().splitlines()
+    subprocess.run(["bash", str(root / "scripts" / script)], env={**os.environ, "VENV": str(venv), "WORK": str(work),
+                   **env}, check=True, capture_output=True)
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def _arch_params(call: str) -> dict:
+    return dict(p.split("=") for p in call.split("--arch-param ")[1].split(" --")[0].split())
+
+
+@pytest.mark.parametrize("extra", ["", "width=32 hidden=128"])
+def test_train_default_adds_extra_arch_params_to_both_stages(tmp_path, extra):
+    """``EXTRA_PARAMS`` reaches both stages' ``--arch-param`` (README, Speed, session 29), and without it the stages
+    run the shipped recipe."""
+    stages = _training_script_calls(tmp_path, "train_default.sh", EXTRA_PARAMS=extra,
+                                    OUT=str(tmp_path / "m.safetensors"), STAGE1=str(tmp_path / "m1.safetensors"))
     assert len(stages) == 2
-    recipe = "n_up=3 subpixel=1 smooth=1 low_res_first=1 icnr=1 anchor=1"
+    recipe = "n_up=2 subpixel=2 width=96 smooth=1 low_res_first=1 icnr=1 anchor=1"
     for stage, last in zip(stages, ["", " calibrate=1"]):
         params = stage.split("--arch-param ")[1].split(" --")[0].split()
         assert params == f"{recipe}{last} {extra}".split()
+
+
+@pytest.mark.parametrize("init_there", [False, True])
+def test_train_realistic_first_trains_the_default_it_starts_from(tmp_path, init_there):
+    """The shipped realistic model was fine-tuned from the fourth update's default (the x2 decoder, 3,000 + 2,000
+    steps, no calibration), which today's default (a x4 last step) cannot stand in for: without INIT's file the
+    script trains that default first, into INIT, then its three stages from it; with the file there, only those."""
+    init = tmp_path / "init.safetensors"
+    if init_there:
+        init.touch()
+    calls = _training_script_calls(tmp_path, "train_realistic.sh", INIT=str(init), OUT=str(tmp_path / "r.safetensors"),
+                                   STAGE1=str(tmp_path / "r1.safetensors"), STAGE2=str(tmp_path / "r2.safetensors"))
+    default, realistic = calls[:-3], calls[-3:]
+    assert len(default) == (0 if init_there else 2) and len(realistic) == 3
+    assert f"--init-from {init} " in realistic[0] + " "
+    if not init_there:
+        assert "--steps 3000 " in default[0] and f"--out {init} " in default[1]
+        assert f"--init-from {init.with_name('init-stage1.safetensors')} " in default[1] + " "
+        made, wanted = _arch_params(default[1]), _arch_params(realistic[0])
+        assert made["calibrate"] == "0"
+        for key, value in (("n_up", None), ("subpixel", None), ("width", "128")):  # the same weights' shapes
+            assert made[key] == wanted.get(key, value), key
 
 
 @pytest.mark.parametrize("model, script", [("cp2image-default", "train_default.sh"),
@@ -191,7 +222,7 @@ def test_shipped_models_were_made_by_their_training_scripts_recipe(model, script
     root = Path(__file__).resolve().parent.parent
     text = (root / "scripts" / script).read_text().replace("\\\n", " ")
     spec = read_spec(root / "weights" / f"{model}.safetensors")
-    shared = re.search(r'PARAMS="([^"]+)"', text)  # train_default.sh: PARAMS, and what its last stage adds
+    shared = re.search(r'^PARAMS="([^"]+)"', text, re.M)  # train_default.sh: PARAMS, and what its last stage adds
     params = (shared.group(1).split() + re.findall(r'"\$PARAMS ?((?:\w+=\d+ ?)*)"', text)[-1].split() if shared
               else re.search(r"--arch-param ((?:\w+=\d+ ?)+)", text).group(1).split())
     assert dict(p.split("=") for p in params) == {k: str(v) for k, v in spec.arch_params.items()}
