@@ -230,8 +230,8 @@ def test_shipped_models_keep_their_feature_preservation_and_realism(fly_export, 
     assert report["shape_segmentation"] == "pipeline"
     model = res["cp2image-default [cp2image-decoder]"]
     real = res["cp2image-realistic [cp2image-decoder]"]
-    # 'Match each object's stated shape' (2026-11-30, default model, the full report: Eccentricity r 0.54 -> 0.98,
-    # Orientation 0.65 -> 0.78, AreaShape median 0.96 -> 0.98, Texture 0.96 -> 0.96)
+    # 'Match each object's stated shape' (2026-12-07, sixth update, the full report: Eccentricity r 0.50 -> 0.95,
+    # Orientation 0.63 -> 0.83, AreaShape median 0.96 -> 0.97, Texture 0.96 -> 0.96)
     matched = res["cp2image-default + shape match [cp2image-decoder]"]
     with open(out / "feature_r.csv", newline="") as fh:
         r = {row["feature"]: row for row in csv.DictReader(fh)}
