@@ -223,10 +223,11 @@ class CP2Image(Module):
             "Precision",
             list(PRECISIONS),
             doc=f"Arithmetic the generator runs in. *{PRECISION_AUTO}* (default): float16 on a GPU (pixels within "
-            f"0.0015 of fp32, on 0–1 intensities) and fp32 on the CPU. *{PRECISION_FP32}*: full precision "
-            f"everywhere. *{PRECISION_BF16}*: 1.2–1.5× faster than fp32 on CPUs with bfloat16 instructions, pixels "
-            "within 0.01 of fp32 (2.5 grey levels of an 8-bit image). A batch whose reduced-precision result "
-            "overflows is recomputed in fp32, with a warning.",
+            f"0.0015 of fp32, on 0–1 intensities, with the previous default model) and fp32 on the CPU. "
+            f"*{PRECISION_FP32}*: full precision everywhere. *{PRECISION_BF16}*: 1.2–1.5× faster than fp32 on CPUs "
+            "with bfloat16 instructions, pixels within 0.011 of fp32 on ExampleFly's cells (3 grey levels of an "
+            "8-bit image; mean 0.0002). A batch whose reduced-precision result overflows is recomputed in fp32, "
+            "with a warning.",
         )
         self.directory = Directory(
             "Output folder",
