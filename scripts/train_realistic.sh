@@ -18,6 +18,7 @@ OUT=${OUT:-weights/cp2image-realistic.safetensors}
 STEPS=${STEPS:-2000}
 VENV="$VENV" WORK="$WORK" bash scripts/examplefly_features.sh
 if [ ! -e "$INIT" ]; then  # the fourth update's default: today's recipe with the x2 decoder, shorter, uncalibrated
+  echo "no $INIT: training the default the realistic model starts from into it first (scripts/train_default.sh)" >&2
   VENV="$VENV" WORK="$WORK" OUT="$INIT" STAGE1="${INIT%.safetensors}-stage1.safetensors" STEPS=3000 \
     EXTRA_PARAMS="n_up=3 subpixel=1 width=128 calibrate=0" bash scripts/train_default.sh "$@"
 fi

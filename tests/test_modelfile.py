@@ -170,8 +170,9 @@ def _training_script_calls(tmp_path, script: str, **env: str) -> list:
     return log.read_text().splitlines() if log.exists() else []
 
 
-def _arch_params(call: str) -> dict:
-    return dict(p.split("=") for p in call.split("--arch-param ")[1].split(" --")[0].split())
+def _arch_params(call: str) -> list:
+    """A recorded training command's ``--arch-param`` values, in order."""
+    return call.split("--arch-param ")[1].split(" --")[0].split()
 
 
 @pytest.mark.parametrize("extra", ["", "width=32 hidden=128"])
@@ -183,8 +184,7 @@ def test_train_default_adds_extra_arch_params_to_both_stages(tmp_path, extra):
     assert len(stages) == 2
     recipe = "n_up=2 subpixel=2 width=96 smooth=1 low_res_first=1 icnr=1 anchor=1"
     for stage, last in zip(stages, ["", " calibrate=1"]):
-        params = stage.split("--arch-param ")[1].split(" --")[0].split()
-        assert params == f"{recipe}{last} {extra}".split()
+        assert _arch_params(stage) == f"{recipe}{last} {extra}".split()
 
 
 @pytest.mark.parametrize("init_there", [False, True])
@@ -203,7 +203,7 @@ def test_train_realistic_first_trains_the_default_it_starts_from(tmp_path, init_
     if not init_there:
         assert "--steps 3000 " in default[0] and f"--out {init} " in default[1]
         assert f"--init-from {init.with_name('init-stage1.safetensors')} " in default[1] + " "
-        made, wanted = _arch_params(default[1]), _arch_params(realistic[0])
+        made, wanted = (dict(p.split("=") for p in _arch_params(call)) for call in (default[1], realistic[0]))
         assert made["calibrate"] == "0"
         for key, value in (("n_up", None), ("subpixel", None), ("width", "128")):  # the same weights' shapes
             assert made[key] == wanted.get(key, value), key
