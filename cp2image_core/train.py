@@ -30,9 +30,11 @@ from .errors import CP2ImageError
 from .features import fit_standardizer, standardize
 from .losses import (
     edge_intensity_loss,
+    fine_detail,
     fine_scale_loss,
     gradient_outside,
     intensity_distribution_loss,
+    lattice_loss,
     level_loss,
     outline_loss,
     pattern_loss,
@@ -130,6 +132,14 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="weight of the loss on the batch mean of the crops' fine detail (finer than ~2 pixels): a "
                         "pattern drawn at the same place in every cell (a pixel-lattice grid, a spot on the same side "
                         "of every nucleus) survives that mean, real cells' detail averages out (0: off)")
+    m.add_argument("--lattice-loss", type=float, default=0.0,
+                   help="weight of the loss on a pattern locked to the pixel lattice inside the object: the energy of "
+                        "its fine detail averaged per phase of a --lattice-period grid, above the real crops' (the "
+                        "dots a sub-pixel decoder draws every 2 or 4 pixels of a bright nucleus; needs --mask-image; "
+                        "0: off)")
+    m.add_argument("--lattice-period", type=int, default=4,
+                   help="pixels: the lattice --lattice-loss looks at (default 4: a x4 sub-pixel step's, and the "
+                        "2-pixel one with it)")
     m.add_argument("--fine-scale-loss", type=float, default=0.0,
                    help="weight of the loss on each crop's finest scale (mean |difference| of pixels 1 and 2 apart, "
                         "per channel, against the real crop's: noise and blur as the camera made them; 0: off)")
@@ -311,6 +321,9 @@ def train(args: argparse.Namespace) -> int:
             raise CP2ImageError(f"--texture-channel-weights {' '.join(map(str, args.texture_channel_weights))}: "
                                 f"give one weight >= 0 per channel of --channels ({' '.join(args.channels)})")
         tex_weights = torch.tensor(args.texture_channel_weights)
+    if args.lattice_loss and not 2 <= args.lattice_period <= args.crop_size:
+        raise CP2ImageError(f"--lattice-period {args.lattice_period}: a lattice of 2 to --crop-size "
+                            f"({args.crop_size}) pixels")
     rank, world, device = setup_distributed(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -347,9 +360,10 @@ def train(args: argparse.Namespace) -> int:
     z_all, _ = standardize(ts.features, spec, clip=False)  # the generator clips its own input
     z_all = torch.from_numpy(z_all)
     x_all = torch.from_numpy(ts.crops)
-    if (args.texture_loss or args.intensity_loss or args.level_loss or args.edge_loss or args.shape_loss) \
-            and ts.masks is None:
-        raise CP2ImageError("--texture-loss, --intensity-loss, --level-loss, --edge-loss and --shape-loss need the "
+    if (args.texture_loss or args.intensity_loss or args.level_loss or args.edge_loss or args.shape_loss
+            or args.lattice_loss) and ts.masks is None:
+        raise CP2ImageError("--texture-loss, --intensity-loss, --level-loss, --edge-loss, --shape-loss and "
+                            "--lattice-loss need the "
                             "object's mask: name the exported label image with --mask-image (e.g. NucleiLabels)")
     m_all = torch.from_numpy(ts.masks).float()[:, None] if ts.masks is not None else None
     w_all = 1.0 + args.mask_weight * m_all if m_all is not None else torch.ones(len(ts.crops), 1, 1, 1)
@@ -460,8 +474,12 @@ def train(args: argparse.Namespace) -> int:
                     fake, mask, threshold=t_all[idx].to(device) if t_all is not None else None)
             if cells is not None:
                 cell_terms(terms, args, fake, x, mask, cells, idx, device, tex_weights)
+            # the two losses on the crops' fine detail share it (a Gaussian blur of every crop, and its gradient)
+            detail = (fine_detail(fake), fine_detail(x)) if args.pattern_loss and args.lattice_loss else None
             if args.pattern_loss:
-                terms["pattern"] = args.pattern_loss, pattern_loss(fake, x)
+                terms["pattern"] = args.pattern_loss, pattern_loss(fake, x, detail=detail)
+            if args.lattice_loss:
+                terms["lattice"] = args.lattice_loss, lattice_loss(fake, x, mask, args.lattice_period, detail=detail)
             if args.fine_scale_loss:
                 terms["fine"] = args.fine_scale_loss, fine_scale_loss(fake, x)
             for name, (weight, value) in terms.items():

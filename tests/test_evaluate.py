@@ -213,12 +213,13 @@ def test_shipped_models_keep_their_feature_preservation_and_realism(fly_export, 
     """Regression guard: both shipped models on the held-out field 01_POS002 (image set 1), re-measured by
     CellProfiler, shape on the objects the features pipeline's own IdentifyPrimaryObjects finds (the evaluate
     command's default); here nearest neighbour draws from one training field, not two. Floors sit a little under
-    the figures of the full report (default, 2026-12-07, sixth update — a x4 last step, trained twice as long:
-    AreaShape 0.96, Intensity 0.95, Texture 0.96, all 0.96, SSIM 0.639 vs nearest neighbour's 0.553, C2ST on the
-    cell window 0.50, 4 crops without an object; the fifth update: the same medians, SSIM 0.656; the fourth:
+    the figures of the full report (default, 2026-12-07, seventh update — the sixth's x4 last step without its dot
+    lattice: AreaShape 0.96, Intensity 0.95, Texture 0.95, all 0.95, SSIM 0.645 vs nearest neighbour's 0.553, C2ST
+    on the whole crop 0.89, on the cell window 0.50, 5 crops without an object; the sixth update: Texture 0.96, all
+    0.96, SSIM 0.639, 4 crops; the fifth update: the sixth's medians, SSIM 0.656; the fourth:
     Texture 0.91, all 0.92; the one before that: AreaShape 0.92, 29 crops without an object;
     realistic: AreaShape 0.95, Intensity 0.93, Texture 0.90, all 0.91, C2ST on the whole crop 0.82 vs the
-    default's 0.91 (2026-12-07), on the cell window 0.48)."""
+    default's 0.89 (2026-12-07), on the cell window 0.48)."""
     from conftest import SHIPPED
 
     realistic = SHIPPED.with_name("cp2image-realistic.safetensors")
@@ -254,20 +255,20 @@ def test_shipped_models_keep_their_feature_preservation_and_realism(fly_export, 
     assert real["features"]["Intensity"]["median_r"] >= 0.91
     assert real["c2st"] < model["c2st"] - 0.05  # the point of the realistic model
     # the Cells and Cytoplasm around each nucleus, found as the features pipeline finds them (--around, on by
-    # default; the full report, 2026-12-07: Cells AreaShape / Intensity / Texture 0.58 / 0.83 / 0.84, Cytoplasm
-    # 0.58 / 0.76 / 0.60; the fifth update 0.48 / 0.78 / 0.84 and 0.40 / 0.79 / 0.54): the cell's intensity and
-    # texture kept, its shape less so (nearest neighbour 0.74)
+    # default; the full report, 2026-12-07, seventh update: Cells AreaShape / Intensity / Texture 0.54 / 0.80 / 0.83,
+    # Cytoplasm 0.55 / 0.73 / 0.56; the sixth 0.58 / 0.83 / 0.84 and 0.58 / 0.76 / 0.60; the fifth 0.48 / 0.78 /
+    # 0.84 and 0.40 / 0.79 / 0.54): the cell's intensity and texture kept, its shape less so (nearest neighbour 0.74)
     assert report["around"] == ["Cells", "Cytoplasm"]
     cells, cytoplasm = model["around"]["Cells"], model["around"]["Cytoplasm"]
-    assert cells["Intensity"]["median_r"] >= 0.80 and cells["Texture"]["median_r"] >= 0.80
-    assert cells["AreaShape"]["median_r"] >= 0.52 and cytoplasm["AreaShape"]["median_r"] >= 0.52
-    assert cytoplasm["Intensity"]["median_r"] >= 0.73 and cytoplasm["Texture"]["median_r"] >= 0.56
-    # inside the real cell and cytoplasm (the exported CellsLabels; the full report, 2026-12-07: Cells Intensity /
-    # Texture 0.90 / 0.88, Cytoplasm 0.83 / 0.67, nearest neighbour 0.80 / 0.77 and 0.74 / 0.66)
+    assert cells["Intensity"]["median_r"] >= 0.77 and cells["Texture"]["median_r"] >= 0.80
+    assert cells["AreaShape"]["median_r"] >= 0.50 and cytoplasm["AreaShape"]["median_r"] >= 0.50
+    assert cytoplasm["Intensity"]["median_r"] >= 0.70 and cytoplasm["Texture"]["median_r"] >= 0.53
+    # inside the real cell and cytoplasm (the exported CellsLabels; the full report, 2026-12-07, seventh update:
+    # Cells Intensity / Texture 0.89 / 0.89, Cytoplasm 0.82 / 0.66; nearest neighbour 0.80 / 0.77 and 0.74 / 0.66)
     assert report["around_real_masks"] == ["Cells", "Cytoplasm"]
     cells, cytoplasm = model["around_real_masks"]["Cells"], model["around_real_masks"]["Cytoplasm"]
     assert cells["Intensity"]["median_r"] >= 0.87 and cells["Texture"]["median_r"] >= 0.85
-    assert cytoplasm["Intensity"]["median_r"] >= 0.81 and cytoplasm["Texture"]["median_r"] >= 0.64
+    assert cytoplasm["Intensity"]["median_r"] >= 0.80 and cytoplasm["Texture"]["median_r"] >= 0.64
     # neither model's cells carry a pattern at the same place in every cell any more (--pattern-loss): default
     # 0.49, realistic 0.48 (before the pattern loss 0.94 and 0.78)
     assert model["c2st_cell"] < 0.65
@@ -298,6 +299,30 @@ def test_shipped_models_draw_the_held_out_field_at_its_own_intensity(fly_export)
         z, _ = standardize(ts.features[held], synth.spec)
         ratio = (synth.generate(z) * mask).sum((2, 3)).sum(0) / real
         assert abs(ratio[0] - 1) < 0.10 and np.all(np.abs(ratio[1:] - 1) < 0.05), (path.name, ratio)
+
+
+def test_shipped_default_draws_no_dots_locked_to_the_pixel_lattice(fly_export):
+    """The default's x4 sub-pixel step drew a dot every 4 pixels of a bright nucleus (the sixth update: lattice
+    energy inside the held-out nuclei 8x, 11x and 9x the real crops' in DNA, FITC and Rhodamine; on field 3 a CNN
+    told the cell window from real ones at 0.82 by it). Trained with the lattice loss, each channel's energy inside
+    the real nuclei stays at the real crops' level (2026-12-07: 0.4x, 0.6x, 0.3x)."""
+    import torch
+    from conftest import CHANNELS, SHIPPED
+
+    from cp2image_core.dataset import build_training_set
+    from cp2image_core.features import standardize
+    from cp2image_core.losses import lattice_energy
+    from cp2image_core.synthesize import load_synthesizer_uncached
+
+    ts = build_training_set(fly_export, "Nuclei", ["Nuclei", "Cells", "Cytoplasm"], CHANNELS, 64,
+                            val_images=[1], mask_image="NucleiLabels")
+    held = ts.val_idx
+    mask = torch.from_numpy(ts.masks[held]).float()[:, None]
+    synth = load_synthesizer_uncached(SHIPPED, "cpu")
+    z, _ = standardize(ts.features[held], synth.spec, clip=False)
+    fake = torch.from_numpy(synth.generate(z))
+    ratio = lattice_energy(fake, mask).mean(0) / lattice_energy(torch.from_numpy(ts.crops[held]), mask).mean(0)
+    assert torch.all(ratio < 1.5), ratio
 
 
 def test_remeasured_values_stay_with_their_crop_when_a_mask_is_empty():

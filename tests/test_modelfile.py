@@ -228,7 +228,7 @@ def test_shipped_models_were_made_by_their_training_scripts_recipe(model, script
     assert dict(p.split("=") for p in params) == {k: str(v) for k, v in spec.arch_params.items()}
     command = shlex.split(spec.training["command"])
     for option in ("--loss", "--texture-loss", "--intensity-loss", "--shape-loss", "--edge-loss", "--pattern-loss",
-                   "--level-loss", "--adv-surround", "--surround-weight", "--adv-weight", "--lr-d",
+                   "--lattice-loss", "--level-loss", "--adv-surround", "--surround-weight", "--adv-weight", "--lr-d",
                    "--texture-scale", "--mask-image", "--crop-size"):
         in_script = next(reversed(list(re.finditer(rf"{option} ((?:[^\s-][^\s]* ?)+)", text))), None)
         stored = [i for i, a in enumerate(command) if a == option]

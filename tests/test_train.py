@@ -291,6 +291,41 @@ def test_pattern_loss_sees_a_pattern_drawn_at_the_same_place_in_every_cell(fly_e
     assert fine_scale_loss(smooth, real) > 0.3 and fine_scale_loss(real + grid, real) > 0.1
 
 
+def test_lattice_loss_sees_dots_locked_to_the_pixel_lattice_inside_the_object(fly_export):
+    """0 for real crops against themselves and against the same crops moved by a pixel (real detail falls anywhere,
+    so its mean per lattice phase is noise); dots every 4 pixels inside the nucleus — what a x4 sub-pixel layer
+    draws — raise it, and the 4-pixel loss sees a 2-pixel lattice too; the same dots outside the object are not its
+    business."""
+    from cp2image_core.losses import fine_detail, lattice_energy, lattice_loss, pattern_loss
+
+    ts = build_training_set(fly_export, "Nuclei", ["Nuclei"], CHANNELS, 48, val_images=[1], seed=0,
+                            mask_image="NucleiLabels")
+    real = torch.from_numpy(ts.crops[:64])
+    mask = torch.from_numpy(ts.masks[:64]).float()[:, None]
+    assert lattice_loss(real, real, mask) == 0
+    assert lattice_loss(torch.roll(real, (1, 1), (2, 3)), real, mask) < 0.1
+    sd = fine_detail(real).std()  # 0.0096: a tenth of the nuclei's mean intensity
+    yy, xx = torch.meshgrid(torch.arange(48), torch.arange(48), indexing="ij")
+    # one pixel in each 4 x 4 block brighter by a fifth of the nucleus's intensity (the sixth update's: about a
+    # quarter), and a faint 2-pixel checkerboard
+    dots = 2 * sd * ((yy % 4 == 0) & (xx % 4 == 0)).float()
+    checker = 0.3 * sd * torch.sign(torch.cos(np.pi * yy) * torch.cos(np.pi * xx))
+    assert lattice_loss(real + dots * mask, real, mask) > 1.0
+    assert lattice_loss(real + checker * mask, real, mask) > 1.0
+    assert lattice_loss(real + checker * mask, real, mask, period=2) > 1.0
+    only_outside = real + dots * (1 - mask)
+    assert lattice_loss(only_outside, real, mask) < 0.2
+    # the energy is per crop and channel; a crop with the dots in one channel has it there only
+    e = lattice_energy(real[:1] + dots * mask[:1] * torch.tensor([1.0, 0, 0])[:, None, None], mask[:1])
+    e0 = lattice_energy(real[:1], mask[:1])
+    assert e.shape == (1, 3) and e[0, 0] > 5 * e0[0, 0] and torch.allclose(e[0, 1:], e0[0, 1:])
+    # the training loop hands both losses the crops' fine detail computed once: the same values
+    fake = real + dots * mask
+    detail = fine_detail(fake), fine_detail(real)
+    assert lattice_loss(fake, real, mask, detail=detail) == lattice_loss(fake, real, mask)
+    assert pattern_loss(fake, real, detail=detail) == pattern_loss(fake, real) > 0
+
+
 def test_decoder_trains_with_texture_losses_and_arch_params(fly_export, tmp_path, capsys):
     out = tmp_path / "tex.safetensors"
     common = ["--export-dir", str(fly_export), *ARGS, "--crop-size", "32", "--steps", "4", "--batch-size", "8",
@@ -317,12 +352,18 @@ def test_decoder_trains_with_texture_losses_and_arch_params(fly_export, tmp_path
     # loader binds the anchors and the calibration's features from the file's spec
     anchored = tmp_path / "anchored.safetensors"
     assert train_main([*common, "--mask-image", "NucleiLabels", "--edge-loss", "0.1", "--pattern-loss", "0.5",
-                       "--level-loss", "0.2", "--fine-scale-loss", "0.05",
+                       "--level-loss", "0.2", "--fine-scale-loss", "0.05", "--lattice-loss", "0.1",
                        "--arch-param", "width=32", "hidden=64", "anchor=1", "calibrate=1",
                        "--steps", "2",
                        "--out", str(anchored)]) == 0
     last = json.loads((Path(f"{anchored}.run") / "history.json").read_text())[-1]
-    assert {"train_edge", "train_pattern", "train_level", "train_fine"} <= set(last)
+    assert {"train_edge", "train_pattern", "train_level", "train_fine", "train_lattice"} <= set(last)
+    capsys.readouterr()  # the lattice loss: a period from 2 pixels to the crop, and the object's mask
+    assert train_main([*common, "--mask-image", "NucleiLabels", "--lattice-loss", "0.1", "--lattice-period", "1",
+                       "--out", str(tmp_path / "p.safetensors")]) == 2
+    assert "--lattice-period 1: a lattice of 2 to --crop-size (32) pixels" in capsys.readouterr().err
+    assert train_main([*common[:-4], "--lattice-loss", "0.1", "--out", str(tmp_path / "p.safetensors")]) == 2
+    assert "--lattice-loss need the object's mask" in capsys.readouterr().err
     capsys.readouterr()  # per-channel texture weights: one per channel, or a clear error before any work
     assert train_main([*common, "--mask-image", "NucleiLabels", "--texture-channel-weights", "1", "2",
                        "--out", str(tmp_path / "w.safetensors")]) == 2
