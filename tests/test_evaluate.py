@@ -231,8 +231,8 @@ def test_shipped_models_keep_their_feature_preservation_and_realism(fly_export, 
     assert report["shape_segmentation"] == "pipeline"
     model = res["cp2image-default [cp2image-decoder]"]
     real = res["cp2image-realistic [cp2image-decoder]"]
-    # 'Match each object's stated shape' (2026-12-07, sixth update, the full report: Eccentricity r 0.50 -> 0.95,
-    # Orientation 0.63 -> 0.83, AreaShape median 0.96 -> 0.97, Texture 0.96 -> 0.96)
+    # 'Match each object's stated shape' (2026-12-07, seventh update, the full report: Eccentricity r 0.55 -> 0.96,
+    # Orientation 0.61 -> 0.77, AreaShape median 0.96 -> 0.97, Texture 0.95 -> 0.96)
     matched = res["cp2image-default + shape match [cp2image-decoder]"]
     with open(out / "feature_r.csv", newline="") as fh:
         r = {row["feature"]: row for row in csv.DictReader(fh)}
