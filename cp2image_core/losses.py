@@ -150,6 +150,8 @@ def lattice_energy(x: torch.Tensor, mask: torch.Tensor, period: int = 4, sigma: 
 
 
 def _phase_energy(d: torch.Tensor, mask: torch.Tensor, period: int) -> torch.Tensor:
+    """``lattice_energy`` of detail ``d`` already computed (N, C, H, W); a crop's last rows and columns that do not
+    fill a whole period are left out."""
     n, _, h, w = d.shape
     h, w = h - h % period, w - w % period
     d, m = d[..., :h, :w], mask.to(d.dtype)[..., :h, :w].expand(n, 1, h, w)
