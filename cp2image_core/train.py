@@ -363,8 +363,8 @@ def train(args: argparse.Namespace) -> int:
     if (args.texture_loss or args.intensity_loss or args.level_loss or args.edge_loss or args.shape_loss
             or args.lattice_loss) and ts.masks is None:
         raise CP2ImageError("--texture-loss, --intensity-loss, --level-loss, --edge-loss, --shape-loss and "
-                            "--lattice-loss need the "
-                            "object's mask: name the exported label image with --mask-image (e.g. NucleiLabels)")
+                            "--lattice-loss need the object's mask: name the exported label image with --mask-image "
+                            "(e.g. NucleiLabels)")
     m_all = torch.from_numpy(ts.masks).float()[:, None] if ts.masks is not None else None
     w_all = 1.0 + args.mask_weight * m_all if m_all is not None else torch.ones(len(ts.crops), 1, 1, 1)
     t_all = field_thresholds(args.export_dir, args.objects, ts.image_number) \

@@ -190,8 +190,9 @@ def test_train_default_adds_extra_arch_params_to_both_stages(tmp_path, extra):
 @pytest.mark.parametrize("init_there", [False, True])
 def test_train_realistic_first_trains_the_default_it_starts_from(tmp_path, init_there):
     """The shipped realistic model was fine-tuned from the fourth update's default (the x2 decoder, 3,000 + 2,000
-    steps, no calibration, no lattice loss), which today's default (a x4 last step) cannot stand in for: without INIT's file the
-    script trains that default first, into INIT, then its three stages from it; with the file there, only those."""
+    steps, no calibration, no lattice loss), which today's default (a x4 last step) cannot stand in for: without
+    INIT's file the script trains that default first, into INIT, then its three stages from it; with the file
+    there, only those."""
     init = tmp_path / "init.safetensors"
     if init_there:
         init.touch()
