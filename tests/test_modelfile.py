@@ -177,7 +177,7 @@ def _arch_params(call: str) -> list:
 
 @pytest.mark.parametrize("extra", ["", "width=32 hidden=128"])
 def test_train_default_adds_extra_arch_params_to_both_stages(tmp_path, extra):
-    """``EXTRA_PARAMS`` reaches both stages' ``--arch-param`` (README, Speed, session 29), and without it the stages
+    """``EXTRA_PARAMS`` reaches both stages' ``--arch-param`` (docs/speed.md, session 29), and without it the stages
     run the shipped recipe."""
     stages = _training_script_calls(tmp_path, "train_default.sh", EXTRA_PARAMS=extra,
                                     OUT=str(tmp_path / "m.safetensors"), STAGE1=str(tmp_path / "m1.safetensors"))
