@@ -209,7 +209,7 @@ def otsu_threshold(x: torch.Tensor, bins: int = 256) -> torch.Tensor:
 
 def outline_loss(fake: torch.Tensor, mask: torch.Tensor, channel: int = 0, sigma: float = 1.0,
                  ring: int = 3, threshold: torch.Tensor | None = None,
-                 outside: torch.Tensor | None = None) -> torch.Tensor:
+                 outside: torch.Tensor | None = None, real: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of the synthesized crop's soft Otsu foreground against the object's own mask.
 
     The evaluation measures shape on an Otsu segmentation of the synthesized ``channel`` (blurred by ``sigma``,
@@ -217,15 +217,24 @@ def outline_loss(fake: torch.Tensor, mask: torch.Tensor, channel: int = 0, sigma
     below: the segmented outline is then the object's, not one merged with a touching neighbour. Pixels farther
     out (neighbours) are left to the other losses. ``threshold`` (N,), e.g. the one the pipeline's segmentation
     used on each cell's field, replaces the per-crop Otsu threshold. ``outside`` (N, 1, H, W) limits the ring to
-    its pixels (e.g. the background between cells, not a touching neighbour); ``sigma`` 0: no blur.
+    its pixels (e.g. the background between cells, not a touching neighbour); ``sigma`` 0: no blur. ``real`` (the
+    real crops) limits it to the pixels the real crop shows as background — below the same threshold (its own Otsu
+    threshold without ``threshold``), blurred alike — so that a neighbour touching the object is not drawn dark.
     """
-    x = fake[:, channel:channel + 1].float()
-    blurred = (_gaussian_blur(x, sigma) if sigma > 0 else x)[:, 0]
+    def blur(crops: torch.Tensor) -> torch.Tensor:
+        x = crops[:, channel:channel + 1].float()
+        return (_gaussian_blur(x, sigma) if sigma > 0 else x)[:, 0]
+
+    blurred = blur(fake)
     t = (otsu_threshold(blurred) if threshold is None else threshold.float()).view(-1, 1, 1)
     inside = mask[:, 0] > 0.5
     around = (F.max_pool2d(mask.float(), 2 * ring + 1, stride=1, padding=ring)[:, 0] > 0.5) & ~inside
     if outside is not None:
         around &= outside[:, 0] > 0.5
+    if real is not None:
+        real_blurred = blur(real)
+        t_real = t if threshold is not None else otsu_threshold(real_blurred).view(-1, 1, 1)
+        around &= real_blurred < t_real
     logits = (blurred - t) / (0.1 * t.abs()).clamp_min(1e-3)
     weight = (inside | around).float()
     bce = F.binary_cross_entropy_with_logits(logits, inside.float(), weight=weight, reduction="sum")

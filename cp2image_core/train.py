@@ -147,6 +147,10 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="weight of the outline loss: the synthesized first channel's soft foreground at its own Otsu "
                         "threshold must be the object's mask, with a dark ring around it (MeasureObjectSizeShape "
                         "then measures the object's outline on the synthesized cell; needs --mask-image; 0: off)")
+    m.add_argument("--outline-ring", choices=["all", "background"], default="all",
+                   help="pixels of the outline loss's dark ring (3 pixels around the object): 'all', or "
+                        "'background': only those the real crop shows below the threshold, so that a neighbour "
+                        "touching the object is not drawn as a dark band")
     m.add_argument("--outline-threshold", choices=["otsu", "field"], default="otsu",
                    help="threshold of the outline loss: each synthesized crop's own Otsu threshold, or 'field': "
                         "the threshold IdentifyPrimaryObjects used on the cell's own field (Image.csv "
@@ -471,7 +475,8 @@ def train(args: argparse.Namespace) -> int:
                 terms["edge"] = args.edge_loss, edge_intensity_loss(fake, x, mask)
             if args.shape_loss:
                 terms["shape"] = args.shape_loss, outline_loss(
-                    fake, mask, threshold=t_all[idx].to(device) if t_all is not None else None)
+                    fake, mask, threshold=t_all[idx].to(device) if t_all is not None else None,
+                    real=x if args.outline_ring == "background" else None)
             if cells is not None:
                 cell_terms(terms, args, fake, x, mask, cells, idx, device, tex_weights)
             # the two losses on the crops' fine detail share it (a Gaussian blur of every crop, and its gradient)

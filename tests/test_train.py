@@ -291,6 +291,29 @@ def test_pattern_loss_sees_a_pattern_drawn_at_the_same_place_in_every_cell(fly_e
     assert fine_scale_loss(smooth, real) > 0.3 and fine_scale_loss(real + grid, real) > 0.1
 
 
+def test_outline_loss_ring_on_the_background_spares_a_touching_neighbour(fly_export):
+    """``real=``: the dark ring only where the real crop is background, so a neighbour that touches the real object
+    is not pushed dark (the synthesized nuclei's dark band), while one drawn where the real crop is dark still is."""
+    from cp2image_core.losses import outline_loss
+    from cp2image_core.train import field_thresholds
+
+    ts = build_training_set(fly_export, "Nuclei", ["Nuclei"], CHANNELS, 48, val_images=[1], seed=0,
+                            mask_image="NucleiLabels")
+    crops = torch.from_numpy(ts.crops[:40])
+    mask = torch.from_numpy(ts.masks[:40]).float()[:, None]
+    t = field_thresholds(fly_export, "Nuclei", ts.image_number[:40])
+    # the real crops' own touching neighbours and bright rims no longer count against them
+    assert outline_loss(crops, mask, threshold=t, real=crops) < 0.8 * outline_loss(crops, mask, threshold=t)
+    level = t.view(-1, 1, 1, 1) * torch.ones_like(crops)
+    ideal = level * (0.5 + 1.5 * mask)  # the object above its field's threshold, dark around it
+    merged = ideal.clone()
+    merged[:, :, :, :24] = torch.maximum(merged[:, :, :, :24], 1.5 * level[:, :, :, :24])  # a bright neighbour
+    for threshold in (t, None):  # the field's threshold, or each crop's Otsu threshold
+        alone = outline_loss(merged, mask, threshold=threshold, real=ideal)  # the real crop is dark there
+        assert alone > 2 * outline_loss(ideal, mask, threshold=threshold, real=ideal)
+        assert outline_loss(merged, mask, threshold=threshold, real=merged) < 0.5 * alone  # the real one is there
+
+
 def test_lattice_loss_sees_dots_locked_to_the_pixel_lattice_inside_the_object(fly_export):
     """0 for real crops against themselves and against the same crops moved by a pixel (real detail falls anywhere,
     so its mean per lattice phase is noise); dots every 4 pixels inside the nucleus — what a x4 sub-pixel layer
@@ -344,7 +367,11 @@ def test_decoder_trains_with_texture_losses_and_arch_params(fly_export, tmp_path
     tuned = tmp_path / "tuned.safetensors"
     args = [*common, "--mask-image", "NucleiLabels", "--shape-loss", "0.1", "--init-from", str(out), "--steps", "2"]
     assert train_main([*args, "--arch-param", "width=32", "hidden=64", "--out", str(tuned)]) == 0
-    assert "train_shape" in json.loads((Path(f"{tuned}.run") / "history.json").read_text())[-1]
+    shape_all = json.loads((Path(f"{tuned}.run") / "history.json").read_text())[-1]["train_shape"]
+    ring = tmp_path / "ring.safetensors"  # the same run with the ring only where the real crops are background
+    assert train_main([*args, "--arch-param", "width=32", "hidden=64", "--outline-ring", "background",
+                       "--out", str(ring)]) == 0
+    assert json.loads((Path(f"{ring}.run") / "history.json").read_text())[-1]["train_shape"] != shape_all
     capsys.readouterr()
     assert train_main([*args, "--out", str(tmp_path / "other.safetensors")]) == 2
     assert "differ from this training run's" in capsys.readouterr().err
