@@ -35,6 +35,7 @@ from .losses import (
     gradient_outside,
     intensity_distribution_loss,
     lattice_loss,
+    lattice_share_loss,
     level_loss,
     outline_loss,
     pattern_loss,
@@ -137,9 +138,13 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "its fine detail averaged per phase of a --lattice-period grid, above the real crops' (the "
                         "dots a sub-pixel decoder draws every 2 or 4 pixels of a bright nucleus; needs --mask-image; "
                         "0: off)")
+    m.add_argument("--lattice-share-loss", type=float, default=0.0,
+                   help="weight of the loss on the share of the crops' fine detail locked to the pixel lattice, in "
+                        "16-pixel tiles over the whole crop, above the real crops' share: dots anywhere in the crop, "
+                        "also beside the object and where the decoder draws little other detail (0: off)")
     m.add_argument("--lattice-period", type=int, default=4,
-                   help="pixels: the lattice --lattice-loss looks at (default 4: a x4 sub-pixel step's, and the "
-                        "2-pixel one with it)")
+                   help="pixels: the lattice --lattice-loss and --lattice-share-loss look at (default 4: a x4 "
+                        "sub-pixel step's, and the 2-pixel one with it)")
     m.add_argument("--fine-scale-loss", type=float, default=0.0,
                    help="weight of the loss on each crop's finest scale (mean |difference| of pixels 1 and 2 apart, "
                         "per channel, against the real crop's: noise and blur as the camera made them; 0: off)")
@@ -325,7 +330,7 @@ def train(args: argparse.Namespace) -> int:
             raise CP2ImageError(f"--texture-channel-weights {' '.join(map(str, args.texture_channel_weights))}: "
                                 f"give one weight >= 0 per channel of --channels ({' '.join(args.channels)})")
         tex_weights = torch.tensor(args.texture_channel_weights)
-    if args.lattice_loss and not 2 <= args.lattice_period <= args.crop_size:
+    if (args.lattice_loss or args.lattice_share_loss) and not 2 <= args.lattice_period <= args.crop_size:
         raise CP2ImageError(f"--lattice-period {args.lattice_period}: a lattice of 2 to --crop-size "
                             f"({args.crop_size}) pixels")
     rank, world, device = setup_distributed(args.device)
@@ -479,12 +484,16 @@ def train(args: argparse.Namespace) -> int:
                     real=x if args.outline_ring == "background" else None)
             if cells is not None:
                 cell_terms(terms, args, fake, x, mask, cells, idx, device, tex_weights)
-            # the two losses on the crops' fine detail share it (a Gaussian blur of every crop, and its gradient)
-            detail = (fine_detail(fake), fine_detail(x)) if args.pattern_loss and args.lattice_loss else None
+            # the losses on the crops' fine detail share it (a Gaussian blur of every crop, and its gradient)
+            shared = sum(w > 0 for w in (args.pattern_loss, args.lattice_loss, args.lattice_share_loss)) > 1
+            detail = (fine_detail(fake), fine_detail(x)) if shared else None
             if args.pattern_loss:
                 terms["pattern"] = args.pattern_loss, pattern_loss(fake, x, detail=detail)
             if args.lattice_loss:
                 terms["lattice"] = args.lattice_loss, lattice_loss(fake, x, mask, args.lattice_period, detail=detail)
+            if args.lattice_share_loss:
+                terms["share"] = args.lattice_share_loss, lattice_share_loss(fake, x, args.lattice_period,
+                                                                             detail=detail)
             if args.fine_scale_loss:
                 terms["fine"] = args.fine_scale_loss, fine_scale_loss(fake, x)
             for name, (weight, value) in terms.items():

@@ -349,6 +349,36 @@ def test_lattice_loss_sees_dots_locked_to_the_pixel_lattice_inside_the_object(fl
     assert pattern_loss(fake, real, detail=detail) == pattern_loss(fake, real) > 0
 
 
+def test_lattice_share_loss_sees_dots_beside_the_object_in_a_smooth_crop(fly_export):
+    """The share of the fine detail on the pixel lattice, per 16-pixel tile over the whole crop: 0 for real crops
+    against themselves and cut a pixel further on; dots every 4 pixels beside the nucleus of a smooth crop (what the
+    seventh update still drew in FITC and Rhodamine) raise it, though ``lattice_loss`` (inside the nucleus, absolute
+    power) does not see them."""
+    from cp2image_core.losses import _gaussian_blur, fine_detail, lattice_loss, lattice_share, lattice_share_loss
+
+    ts = build_training_set(fly_export, "Nuclei", ["Nuclei"], CHANNELS, 48, val_images=[1], seed=0,
+                            mask_image="NucleiLabels")
+    real = torch.from_numpy(ts.crops[:64])
+    mask = torch.from_numpy(ts.masks[:64]).float()[:, None]
+    assert lattice_share_loss(real, real) == 0
+    assert lattice_share_loss(real[..., 1:, 1:], real) < 0.1  # the same cells a pixel off the lattice
+    energy, power = lattice_share(fine_detail(real))
+    assert energy.shape == power.shape == (64, 3, 3, 3)  # 3 x 3 tiles of 16 pixels
+    share = energy.sum((0, 2, 3)) / power.sum((0, 2, 3))
+    assert torch.all((share > 0.01) & (share < 0.1)), share  # a camera's detail: near 1 / 16 pixels per phase
+    smooth = _gaussian_blur(real.reshape(-1, 1, 48, 48), 3.0).reshape(real.shape)
+    sd = fine_detail(real).std()
+    yy, xx = torch.meshgrid(torch.arange(48), torch.arange(48), indexing="ij")
+    dots = 2 * sd * ((yy % 4 == 0) & (xx % 4 == 0)).float()  # the dots of lattice_loss's test
+    beside = torch.nn.functional.max_pool2d(mask, 13, stride=1, padding=6) - mask  # 6 pixels around the nucleus
+    fake = smooth + dots * beside
+    assert lattice_share_loss(fake, real) > 1.0
+    assert lattice_loss(fake, real, mask) == 0  # inside the nucleus, against the real crops' power: nothing
+    assert lattice_share_loss(smooth, real) < 0.1  # the smooth crop alone
+    assert lattice_share_loss(fake, real, detail=(fine_detail(fake), fine_detail(real))) == lattice_share_loss(fake,
+                                                                                                             real)
+
+
 def test_decoder_trains_with_texture_losses_and_arch_params(fly_export, tmp_path, capsys):
     out = tmp_path / "tex.safetensors"
     common = ["--export-dir", str(fly_export), *ARGS, "--crop-size", "32", "--steps", "4", "--batch-size", "8",
@@ -380,15 +410,19 @@ def test_decoder_trains_with_texture_losses_and_arch_params(fly_export, tmp_path
     anchored = tmp_path / "anchored.safetensors"
     assert train_main([*common, "--mask-image", "NucleiLabels", "--edge-loss", "0.1", "--pattern-loss", "0.5",
                        "--level-loss", "0.2", "--fine-scale-loss", "0.05", "--lattice-loss", "0.1",
+                       "--lattice-share-loss", "0.1",
                        "--arch-param", "width=32", "hidden=64", "anchor=1", "calibrate=1",
                        "--steps", "2",
                        "--out", str(anchored)]) == 0
     last = json.loads((Path(f"{anchored}.run") / "history.json").read_text())[-1]
-    assert {"train_edge", "train_pattern", "train_level", "train_fine", "train_lattice"} <= set(last)
+    assert {"train_edge", "train_pattern", "train_level", "train_fine", "train_lattice", "train_share"} <= set(last)
     capsys.readouterr()  # the lattice loss: a period from 2 pixels to the crop, and the object's mask
     assert train_main([*common, "--mask-image", "NucleiLabels", "--lattice-loss", "0.1", "--lattice-period", "1",
                        "--out", str(tmp_path / "p.safetensors")]) == 2
     assert "--lattice-period 1: a lattice of 2 to --crop-size (32) pixels" in capsys.readouterr().err
+    assert train_main([*common, "--lattice-share-loss", "0.1", "--lattice-period", "40",
+                       "--out", str(tmp_path / "p.safetensors")]) == 2
+    assert "--lattice-period 40: a lattice of 2 to --crop-size (32) pixels" in capsys.readouterr().err
     assert train_main([*common[:-4], "--lattice-loss", "0.1", "--out", str(tmp_path / "p.safetensors")]) == 2
     assert "--lattice-loss need the object's mask" in capsys.readouterr().err
     capsys.readouterr()  # per-channel texture weights: one per channel, or a clear error before any work
