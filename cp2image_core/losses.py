@@ -180,7 +180,7 @@ def lattice_share(d: torch.Tensor, period: int = 4, tile: int = 16) -> tuple[tor
     share of the detail that sits on the lattice: for a camera's detail about 1 / (the pixels per phase), for dots a
     x4 sub-pixel layer draws near 1, wherever in the crop they are."""
     n, c, h, w = d.shape
-    tile = min(tile, h, w) // period * period
+    tile = max(period, min(tile, h, w) // period * period)
     t = d[..., :h - h % tile, :w - w % tile].reshape(n, c, h // tile, tile // period, period, w // tile,
                                                      tile // period, period)
     means = t.mean((3, 6)).permute(0, 1, 2, 4, 3, 5).flatten(4)  # (N, C, rows, columns, period²)
@@ -193,8 +193,8 @@ def lattice_share_loss(fake: torch.Tensor, real: torch.Tensor, period: int = 4, 
     whole crop, weighted by their power) exceeds the real crops', as a log ratio per channel (0 where it does not).
     Unlike ``lattice_loss`` it looks beyond the object and in proportion to the detail drawn: a smooth decoder's dots
     beside a nucleus hold less power than a real crop's noise, yet most of the detail there. The gradient reaches
-    the lattice's power only (the detail's whole power is taken as it is), so the loss removes dots and adds no
-    noise. ``detail`` as for ``pattern_loss``."""
+    the lattice's power only (the detail's whole power is taken as it is), so that drawing more of other detail is
+    not a way to lower it. ``detail`` as for ``pattern_loss``."""
     df, dr = detail if detail is not None else (fine_detail(fake), fine_detail(real))
     (ef, pf), (er, pr) = lattice_share(df, period, tile), lattice_share(dr, period, tile)
     share_f = ef.sum((0, 2, 3)) / pf.detach().sum((0, 2, 3)).clamp_min(1e-12)

@@ -364,6 +364,7 @@ def test_lattice_share_loss_sees_dots_beside_the_object_in_a_smooth_crop(fly_exp
     assert lattice_share_loss(real[..., 1:, 1:], real) < 0.1  # the same cells a pixel off the lattice
     energy, power = lattice_share(fine_detail(real))
     assert energy.shape == power.shape == (64, 3, 3, 3)  # 3 x 3 tiles of 16 pixels
+    assert lattice_share(fine_detail(real), period=24)[0].shape == (64, 3, 2, 2)  # a period over 16: tiles of one
     share = energy.sum((0, 2, 3)) / power.sum((0, 2, 3))
     assert torch.all((share > 0.01) & (share < 0.1)), share  # a camera's detail: near 1 / 16 pixels per phase
     smooth = _gaussian_blur(real.reshape(-1, 1, 48, 48), 3.0).reshape(real.shape)
