@@ -180,9 +180,9 @@ class CP2Image(Module):
             doc="*No* (default): each object is drawn as the model draws it. *Yes*: each drawn object is then "
             "rotated and stretched about its centre so that its ellipse — *MajorAxisLength*, *MinorAxisLength*, "
             "*Orientation* — is the one its AreaShape features state (the surroundings stay put). On ExampleFly's "
-            "held-out field, re-measured by CellProfiler: Eccentricity r 0.55 → 0.96 and Orientation 0.61 → 0.77 with "
+            "held-out field, re-measured by CellProfiler: Eccentricity r 0.52 → 0.94 and Orientation 0.60 → 0.73 with "
             "the default model (0.55 → 0.97 and 0.70 → 0.86 with the realistic one; real crops: 0.88, 0.83), "
-            "FormFactor 0.56 → 0.69, every feature family's median as good or better; a few directional texture "
+            "FormFactor 0.53 → 0.62, every feature family's median as good or better; a few directional texture "
             "features and the DNA edge intensities lose about 0.1. About half as many cells per second on a CPU; "
             "under bfloat16 or float16 an edge can move by a pixel. Needs a *cp2image-decoder* model trained on those "
             "features (both shipped models are).",
@@ -197,9 +197,9 @@ class CP2Image(Module):
             "image set's other objects, each drawn from its own features in its real place. Choose it when the "
             "images will be segmented again: on ExampleFly's held-out field, re-segmented and re-measured as the "
             "features pipeline does, the default model's *Cells* shape follows the input features at median r "
-            "0.69 instead of 0.54 and *Cytoplasm* shape at 0.73 instead of 0.55 (nearest neighbour: 0.74, 0.73), "
-            "the nucleus's features as well; a small classifier tells its crops from real ones at 0.82 "
-            "instead of 0.89. An object's image then depends on the other objects of the image set, and nothing is "
+            "0.74 instead of 0.61 and *Cytoplasm* shape at 0.75 instead of 0.59 (nearest neighbour: 0.74, 0.73), "
+            "the nucleus's features as well; a small classifier tells its crops from real ones at 0.76 "
+            "instead of 0.90. An object's image then depends on the other objects of the image set, and nothing is "
             "written until all are synthesized; composing the field costs speed (on 2 CPU cores, 0.6-0.8x the cells "
             "per second).",
         )

@@ -28,6 +28,9 @@ stage "$STAGE1" "$STEPS" "$PARAMS" --val-every 500 --seed 0 --shape-loss 0.05 "$
 # Stage 2: put the nucleus's edge where IdentifyPrimaryObjects' threshold on the cell's field (Image.csv) cuts it,
 # so CellProfiler's own segmentation finds the object the features describe; and draw each channel with the mean and
 # SD the object's intensity features state (the decoder's calibrate=1: the contrast its texture features scale with);
-# and no dots every 4 pixels of a bright nucleus (the x4 step's lattice, which gave the cell away: docs/results.md, session 32).
+# and no dots every 4 pixels of a bright nucleus (the x4 step's lattice, which gave the cell away: docs/results.md, session 32)
+# and far fewer beside it (the lattice share, with the cell's FITC kept above the threshold IdentifySecondaryObjects used on its
+# field, which the share loss alone lowered: docs/results.md, session 33).
 stage "$OUT" 2000 "$PARAMS calibrate=1" --val-every 1000 --seed 5 --lr 2.5e-4 --shape-loss 0.2 --outline-threshold field \
-  --lattice-loss 0.1 --init-from "$STAGE1" "$@"
+  --lattice-loss 0.1 --lattice-share-loss 0.03 --cell-mask-image CellsLabels --cell-outline-channel FITC \
+  --cell-shape-loss 0.05 --cell-outline-ring none --init-from "$STAGE1" "$@"

@@ -20,8 +20,8 @@ VENV="$VENV" WORK="$WORK" bash scripts/examplefly_features.sh
 if [ ! -e "$INIT" ]; then  # the fourth update's default: today's recipe with the x2 decoder, shorter, uncalibrated
   echo "no $INIT: training the default the realistic model starts from into it first (scripts/train_default.sh)" >&2
   VENV="$VENV" WORK="$WORK" OUT="$INIT" STAGE1="${INIT%.safetensors}-stage1.safetensors" STEPS=3000 \
-    EXTRA_PARAMS="n_up=3 subpixel=1 width=128 calibrate=0" bash scripts/train_default.sh "$@" --lattice-loss=0
-fi  # --lattice-loss=0: the fourth update had no lattice loss (the default's stage 2 has it since session 32)
+    EXTRA_PARAMS="n_up=3 subpixel=1 width=128 calibrate=0" bash scripts/train_default.sh "$@" --lattice-loss=0 --lattice-share-loss=0 --cell-shape-loss=0
+fi  # the fourth update had no lattice losses nor cell-shape loss (the default's stage 2 has them since sessions 32-33)
 mkdir -p "$(dirname "$STAGE1")" "$(dirname "$STAGE2")"
 stage() {  # stage INIT OUT LR SEED [extra train options]
   "$VENV/bin/python" -m cp2image_core.train --export-dir "$WORK/features" --objects Nuclei \

@@ -190,9 +190,9 @@ def test_train_default_adds_extra_arch_params_to_both_stages(tmp_path, extra):
 @pytest.mark.parametrize("init_there", [False, True])
 def test_train_realistic_first_trains_the_default_it_starts_from(tmp_path, init_there):
     """The shipped realistic model was fine-tuned from the fourth update's default (the x2 decoder, 3,000 + 2,000
-    steps, no calibration, no lattice loss), which today's default (a x4 last step) cannot stand in for: without
-    INIT's file the script trains that default first, into INIT, then its three stages from it; with the file
-    there, only those."""
+    steps, no calibration, no lattice or cell-shape loss), which today's default (a x4 last step) cannot stand in
+    for: without INIT's file the script trains that default first, into INIT, then its three stages from it; with
+    the file there, only those."""
     init = tmp_path / "init.safetensors"
     if init_there:
         init.touch()
@@ -206,8 +206,10 @@ def test_train_realistic_first_trains_the_default_it_starts_from(tmp_path, init_
         assert f"--init-from {init.with_name('init-stage1.safetensors')} " in default[1] + " "
         made, wanted = (dict(p.split("=") for p in _arch_params(call)) for call in (default[1], realistic[0]))
         assert made["calibrate"] == "0"
-        # nor the lattice loss of today's default stage 2: the last occurrence wins, as for argparse
-        assert [t for t in default[1].split() if t.startswith("--lattice-loss")][-1] == "--lattice-loss=0"
+        # nor the lattice, lattice-share and cell-shape losses of today's default stage 2: the last occurrence wins,
+        # as for argparse
+        for option in ("--lattice-loss", "--lattice-share-loss", "--cell-shape-loss"):
+            assert [t for t in default[1].split() if t.startswith(option)][-1] == f"{option}=0"
         for key, value in (("n_up", None), ("subpixel", None), ("width", "128")):  # the same weights' shapes
             assert made[key] == wanted.get(key, value), key
 
@@ -231,8 +233,9 @@ def test_shipped_models_were_made_by_their_training_scripts_recipe(model, script
     assert dict(p.split("=") for p in params) == {k: str(v) for k, v in spec.arch_params.items()}
     command = shlex.split(spec.training["command"])
     for option in ("--loss", "--texture-loss", "--intensity-loss", "--shape-loss", "--edge-loss", "--pattern-loss",
-                   "--lattice-loss", "--level-loss", "--adv-surround", "--surround-weight", "--adv-weight", "--lr-d",
-                   "--texture-scale", "--mask-image", "--crop-size"):
+                   "--lattice-loss", "--lattice-share-loss", "--cell-shape-loss", "--cell-outline-ring",
+                   "--cell-mask-image", "--cell-outline-channel", "--level-loss", "--adv-surround", "--surround-weight",
+                   "--adv-weight", "--lr-d", "--texture-scale", "--mask-image", "--crop-size"):
         in_script = next(reversed(list(re.finditer(rf"{option} ((?:[^\s-][^\s]* ?)+)", text))), None)
         stored = [i for i, a in enumerate(command) if a == option]
         assert bool(in_script) == bool(stored), f"{option}: in {script} but not in {model}'s spec, or back"
