@@ -187,6 +187,14 @@ def lattice_share(d: torch.Tensor, period: int = 4, tile: int = 16) -> tuple[tor
     return means.var(-1, unbiased=False), t.pow(2).mean((3, 4, 6, 7))
 
 
+def lattice_share_of(d: torch.Tensor, period: int = 4, tile: int = 16, detach_power: bool = False) -> torch.Tensor:
+    """(C,): the share of the fine detail ``d`` (N, C, H, W) on the pixel lattice over all its tiles (``lattice_share``
+    summed, so weighted by the tiles' power); ``detach_power``: no gradient through the detail's whole power."""
+    energy, power = lattice_share(d, period, tile)
+    power = power.detach() if detach_power else power
+    return energy.sum((0, 2, 3)) / power.sum((0, 2, 3)).clamp_min(1e-12)
+
+
 def lattice_share_loss(fake: torch.Tensor, real: torch.Tensor, period: int = 4, tile: int = 16,
                        detail: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """How far the share of the batch's fine detail locked to the pixel lattice (``lattice_share``, tiles over the
@@ -196,9 +204,7 @@ def lattice_share_loss(fake: torch.Tensor, real: torch.Tensor, period: int = 4, 
     the lattice's power only (the detail's whole power is taken as it is), so that drawing more of other detail is
     not a way to lower it. ``detail`` as for ``pattern_loss``."""
     df, dr = detail if detail is not None else (fine_detail(fake), fine_detail(real))
-    (ef, pf), (er, pr) = lattice_share(df, period, tile), lattice_share(dr, period, tile)
-    share_f = ef.sum((0, 2, 3)) / pf.detach().sum((0, 2, 3)).clamp_min(1e-12)
-    share_r = er.sum((0, 2, 3)) / pr.sum((0, 2, 3)).clamp_min(1e-12)
+    share_f, share_r = lattice_share_of(df, period, tile, detach_power=True), lattice_share_of(dr, period, tile)
     return F.relu(torch.log(share_f + 1e-12) - torch.log(share_r + 1e-12)).mean()
 
 

@@ -354,7 +354,14 @@ def test_lattice_share_loss_sees_dots_beside_the_object_in_a_smooth_crop(fly_exp
     against themselves and cut a pixel further on; dots every 4 pixels beside the nucleus of a smooth crop (what the
     seventh update still drew in FITC and Rhodamine) raise it, though ``lattice_loss`` (inside the nucleus, absolute
     power) does not see them."""
-    from cp2image_core.losses import _gaussian_blur, fine_detail, lattice_loss, lattice_share, lattice_share_loss
+    from cp2image_core.losses import (
+        _gaussian_blur,
+        fine_detail,
+        lattice_loss,
+        lattice_share,
+        lattice_share_loss,
+        lattice_share_of,
+    )
 
     ts = build_training_set(fly_export, "Nuclei", ["Nuclei"], CHANNELS, 48, val_images=[1], seed=0,
                             mask_image="NucleiLabels")
@@ -365,7 +372,7 @@ def test_lattice_share_loss_sees_dots_beside_the_object_in_a_smooth_crop(fly_exp
     energy, power = lattice_share(fine_detail(real))
     assert energy.shape == power.shape == (64, 3, 3, 3)  # 3 x 3 tiles of 16 pixels
     assert lattice_share(fine_detail(real), period=24)[0].shape == (64, 3, 2, 2)  # a period over 16: tiles of one
-    share = energy.sum((0, 2, 3)) / power.sum((0, 2, 3))
+    share = lattice_share_of(fine_detail(real))
     assert torch.all((share > 0.01) & (share < 0.1)), share  # a camera's detail: near 1 / 16 pixels per phase
     smooth = _gaussian_blur(real.reshape(-1, 1, 48, 48), 3.0).reshape(real.shape)
     sd = fine_detail(real).std()

@@ -18,13 +18,12 @@ from PIL import Image
 
 from cp2image_core.dataset import build_training_set
 from cp2image_core.features import standardize
-from cp2image_core.losses import fine_detail, lattice_share, lattice_share_loss
+from cp2image_core.losses import fine_detail, lattice_share_loss, lattice_share_of
 from cp2image_core.synthesize import load_synthesizer_uncached
 
 
 def share(x: torch.Tensor) -> torch.Tensor:
-    energy, power = lattice_share(fine_detail(x))
-    return energy.sum((0, 2, 3)) / power.sum((0, 2, 3))
+    return lattice_share_of(fine_detail(x))
 
 
 def centres(crops: np.ndarray) -> np.ndarray:
